@@ -1,0 +1,90 @@
+"""Paged attention over the KV tensor, for one forward pass of a mixed batch.
+
+The batch is flattened: sequence i owns query rows [q_start_i, q_start_i + n_i) and sits
+at positions [start_i, start_i + n_i). Each layer first writes the new K/V into the
+sequence's blocks, then attends. Single-token (decode) sequences are attended together in
+one padded SDPA call; multi-token (prefill chunk) sequences one by one, with the causal
+mask aligned to the bottom-right so a chunk sees its whole cached prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+
+@dataclass
+class SeqSlice:
+    q_start: int
+    num_new: int
+    start: int                  # position of the first new token
+    block_ids: torch.Tensor     # [num_blocks_needed] long, covering start + num_new tokens
+
+
+class PagedAttention:
+    """Callable matching the model's AttentionFn for one forward pass."""
+
+    def __init__(self, kv: torch.Tensor, block_size: int, seqs: list[SeqSlice],
+                 slot_blocks: torch.Tensor, slot_offsets: torch.Tensor):
+        self.kv = kv
+        self.block_size = block_size
+        self.prefills = [s for s in seqs if s.num_new > 1 or s.start == 0]
+        decodes = [s for s in seqs if not (s.num_new > 1 or s.start == 0)]
+        self.slot_blocks = slot_blocks
+        self.slot_offsets = slot_offsets
+        self.decode_rows = None
+        if decodes:
+            self._prepare_decode(decodes)
+
+    def _prepare_decode(self, decodes: list[SeqSlice]) -> None:
+        device = self.kv.device
+        max_nb = max(len(s.block_ids) for s in decodes)
+        tables = torch.zeros((len(decodes), max_nb), dtype=torch.long, device=device)
+        lens = torch.tensor([s.start + 1 for s in decodes], device=device)
+        for i, s in enumerate(decodes):
+            tables[i, :len(s.block_ids)] = s.block_ids
+        self.decode_rows = torch.tensor([s.q_start for s in decodes], device=device)
+        self.decode_tables = tables
+        key_pos = torch.arange(max_nb * self.block_size, device=device)
+        # [B, 1, 1, S]: padded key slots (beyond each sequence's length) are masked out.
+        self.decode_mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache = self.kv[:, layer, 0]   # [num_blocks, block_size, H_kv, D] (strided view)
+        v_cache = self.kv[:, layer, 1]
+        k_cache[self.slot_blocks, self.slot_offsets] = k.to(k_cache.dtype)
+        v_cache[self.slot_blocks, self.slot_offsets] = v.to(v_cache.dtype)
+        out = torch.empty_like(q)
+        for s in self.prefills:
+            rows = slice(s.q_start, s.q_start + s.num_new)
+            qs = q[rows].transpose(0, 1).unsqueeze(0)                  # [1, Hq, n, D]
+            if s.start == 0:
+                # Whole sequence in this chunk: attend to the fresh K/V, plain causal.
+                ks = k[rows].transpose(0, 1).unsqueeze(0)
+                vs = v[rows].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=s.num_new > 1, enable_gqa=True)
+            else:
+                ctx = s.start + s.num_new
+                ks = self._gather(k_cache, s.block_ids, ctx).to(q.dtype)
+                vs = self._gather(v_cache, s.block_ids, ctx).to(q.dtype)
+                o = F.scaled_dot_product_attention(
+                    qs, ks, vs, attn_mask=causal_lower_right(s.num_new, ctx), enable_gqa=True)
+            out[rows] = o.squeeze(0).transpose(0, 1)
+        if self.decode_rows is not None:
+            b, nb = self.decode_tables.shape
+            ks = k_cache[self.decode_tables].reshape(b, nb * self.block_size, *k_cache.shape[2:])
+            vs = v_cache[self.decode_tables].reshape(b, nb * self.block_size, *v_cache.shape[2:])
+            qd = q[self.decode_rows].unsqueeze(2)                       # [B, Hq, 1, D]
+            o = F.scaled_dot_product_attention(
+                qd, ks.transpose(1, 2).to(q.dtype), vs.transpose(1, 2).to(q.dtype),
+                attn_mask=self.decode_mask, enable_gqa=True)
+            out[self.decode_rows] = o.squeeze(2)
+        return out
+
+    def _gather(self, cache: torch.Tensor, block_ids: torch.Tensor, ctx: int) -> torch.Tensor:
+        """[1, H_kv, ctx, D] from the sequence's blocks."""
+        g = cache[block_ids].reshape(-1, *cache.shape[2:])[:ctx]
+        return g.transpose(0, 1).unsqueeze(0)

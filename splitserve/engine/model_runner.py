@@ -1,0 +1,58 @@
+"""Turns a SchedulerOutput into one model forward pass over the paged KV cache and the
+sampled next tokens. The only part of the engine that touches tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.engine.attention import PagedAttention, SeqSlice
+from splitserve.engine.kv_cache import KVLayout
+from splitserve.engine.sampler import Sampler
+from splitserve.engine.scheduler import SchedulerOutput
+
+
+class ModelRunner:
+    def __init__(self, model, layout: KVLayout, num_blocks: int, device: str, seed: int = 0):
+        self.model = model
+        self.layout = layout
+        self.device = torch.device(device)
+        self.kv = layout.allocate(num_blocks, device)
+        self.sampler = Sampler(seed)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> dict[str, int]:
+        """Runs the forward for every scheduled request; returns request id -> sampled
+        token for the requests whose known tokens are now all computed."""
+        bs = self.layout.block_size
+        input_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        seqs: list[SeqSlice] = []
+        slot_blocks: list[torch.Tensor] = []
+        sample_rows: list[int] = []
+        sampled_reqs = []
+        for s in sched.scheduled:
+            r = s.request
+            start, n = r.num_computed_tokens, s.num_new_tokens
+            q_start = len(input_ids)
+            input_ids.extend(r.all_token_ids[start:start + n])
+            pos = torch.arange(start, start + n)
+            positions.append(pos)
+            num_blocks = -(-(start + n) // bs)
+            table = torch.tensor(s.block_table[:num_blocks], dtype=torch.long)
+            slot_blocks.append(table[pos // bs])
+            seqs.append(SeqSlice(q_start, n, start, table.to(self.device)))
+            if s.samples:
+                sample_rows.append(q_start + n - 1)
+                sampled_reqs.append(r)
+        pos_all = torch.cat(positions)
+        attn = PagedAttention(
+            self.kv, bs, seqs,
+            slot_blocks=torch.cat(slot_blocks).to(self.device),
+            slot_offsets=(pos_all % bs).to(self.device))
+        hidden = self.model(torch.tensor(input_ids, device=self.device), pos_all.to(self.device), attn)
+        if not sampled_reqs:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        tokens = self.sampler.sample(logits, [r.params for r in sampled_reqs],
+                                     [r.generator for r in sampled_reqs])
+        return {r.request_id: t for r, t in zip(sampled_reqs, tokens)}

@@ -1,0 +1,72 @@
+"""A request inside the engine: two counters, `num_computed_tokens` catching up with
+`num_tokens` (prompt + generated so far). Prefill, chunked prefill, decode and
+recompute after preemption are all the same catch-up arithmetic."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from splitserve.engine.types import FinishReason, SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_ids: tuple[int, ...], arrival: int):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        # NOTE: all_token_ids == prompt_token_ids + output_token_ids at all times.
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.params = params
+        self.arrival = arrival
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0      # prompt tokens served from the prefix cache (first schedule)
+        self.finish_reason: FinishReason | None = None
+        # Chained hashes of this request's full blocks, extended lazily; token ids of a full
+        # block never change, so a computed hash stays valid for the request's lifetime.
+        self.block_hashes: list[int] = []
+        stop = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop.update(eos_token_ids)
+        self.stop_token_ids = frozenset(stop)
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator().manual_seed(params.seed)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def check_finished(self, max_model_len: int) -> bool:
+        """Sets finish_reason after a token was appended; True when the request is done."""
+        last = self.output_token_ids[-1]
+        if last in self.stop_token_ids:
+            self.finish_reason = FinishReason.STOP
+        elif self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= max_model_len:
+            self.finish_reason = FinishReason.LENGTH
+        return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, status={self.status.value})")
