@@ -7,7 +7,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
 
-from tiny_models import make_tiny_llama, make_tiny_qwen2  # noqa: E402
+from splitserve.model.tiny import make_tiny_llama, make_tiny_qwen2  # noqa: E402
 
 
 @pytest.fixture(scope="session")
