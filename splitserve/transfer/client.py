@@ -1,0 +1,235 @@
+"""D side: fetch one request's KV from P into reserved blocks, surviving what can be survived.
+
+    result = fetch_kv((host, port), request, dest_blocks, kv, config, fingerprint)
+
+Blocking; the engine runs it on a thread. Never raises for transfer failures: the outcome
+says what happened, and `blocks_verified` says which prefix the engine can reuse for a
+local fallback. Invariant: a logical block is marked verified only after its bytes landed
+in `kv[dest_blocks[i]]` and their xxh3 matched; it is unmarked before anything is written
+into it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Sequence
+
+import torch
+
+from splitserve.transfer import protocol as proto
+from splitserve.transfer.backend import PrefillRequest
+from splitserve.transfer.config import FetchResult, Outcome, TransferConfig, TransferStats
+from splitserve.transfer.handshake import host_id, proof, proof_ok, tune_socket
+from splitserve.transfer.kvmem import KVBlocks, describe_mismatch
+from splitserve.transfer.shm import ShmTransport
+from splitserve.transfer.tcp import TcpTransport
+
+log = logging.getLogger(__name__)
+
+_REFUSE_OUTCOME = {"version": Outcome.MISMATCH, "fingerprint": Outcome.MISMATCH,
+                   "auth": Outcome.AUTH_FAILED, "unknown_request": Outcome.PEER_DEAD}
+
+
+class _Fatal(Exception):
+    """The transfer cannot succeed by reconnecting."""
+
+    def __init__(self, outcome: Outcome, reason: str):
+        super().__init__(reason)
+        self.outcome, self.reason = outcome, reason
+
+
+class _Fetch:
+    def __init__(self, addr, request: PrefillRequest, dest_blocks: Sequence[int],
+                 kv: torch.Tensor, config: TransferConfig, fingerprint: dict[str, str]):
+        self.addr, self.req, self.cfg, self.fp = addr, request, config, dict(fingerprint)
+        self.rid = request.request_id
+        self.blocks = KVBlocks(kv)
+        self.dest = list(dest_blocks)
+        self.n = len(self.dest)
+        self.verified = bytearray(self.n)
+        self.upto = 0                     # verified prefix length
+        self.first_token: int | None = None
+        self.bytes = self.resumes = self.checksum_failures = self.sessions = 0
+        self.connected = False            # did the latest attempt reach P at all?
+        self.transport_name = ""
+
+    def _advance(self) -> None:
+        while self.upto < self.n and self.verified[self.upto]:
+            self.upto += 1
+
+    def session(self) -> None:
+        """One connection: handshake, PREFILL (resuming at the verified prefix), receive
+        until every block is verified and DONE arrived. Returns normally only on success."""
+        cfg = self.cfg
+        self.connected = False
+        sock = socket.create_connection(self.addr, timeout=cfg.connect_timeout)
+        self.connected = True
+        transport = None
+        try:
+            tune_socket(sock, cfg)
+            # Wake often enough to heartbeat and to notice a stall on time.
+            sock.settimeout(min(cfg.heartbeat_interval, cfg.stall_timeout) / 2)
+            ch = proto.Channel(sock, cfg.max_header_bytes)
+            ch.on_idle = lambda: self._idle(ch, heartbeat=False)
+            transport = self._handshake(ch)
+            ch.on_idle = lambda: self._idle(ch, heartbeat=True)
+            log.info("request %s: KV session with %s:%d over %s, resuming at block %d/%d",
+                     self.rid, *self.addr, transport.name, self.upto, self.n)
+            self._receive(ch, transport)
+            try:
+                ch.send(proto.Release(self.rid))
+            except OSError as e:   # we have everything; P's lease will clean up
+                log.info("request %s: could not send RELEASE: %s", self.rid, e)
+        finally:
+            if transport is not None:
+                transport.close()
+            sock.close()
+
+    def _idle(self, ch: proto.Channel, heartbeat: bool) -> None:
+        now = time.monotonic()
+        if now - ch.last_rx > self.cfg.stall_timeout:
+            raise _Fatal(Outcome.STALLED, f"no bytes and no PROGRESS from prefill for "
+                         f"{now - ch.last_rx:.1f}s (kv_stall_timeout {self.cfg.stall_timeout}s)")
+        if heartbeat and now - ch.last_tx >= self.cfg.heartbeat_interval:
+            ch.send(proto.Heartbeat(self.rid))
+
+    def _handshake(self, ch: proto.Channel):
+        cfg = self.cfg
+        nonce = os.urandom(16)
+        offers = {"auto": ["shm", "tcp"], "tcp": ["tcp"], "shm": ["shm"]}[cfg.transport]
+        ch.send(proto.Hello(proto.VERSION, self.fp, nonce, offers, host_id()))
+        try:
+            msg, _ = ch.recv()
+        except proto.VersionMismatch as e:
+            raise _Fatal(Outcome.MISMATCH, str(e)) from None
+        if isinstance(msg, proto.Refuse):
+            raise _Fatal(_REFUSE_OUTCOME.get(msg.code, Outcome.REFUSED),
+                         f"prefill refused ({msg.code}): {msg.reason}")
+        if not isinstance(msg, proto.HelloOk):
+            raise proto.ProtocolError(f"expected HELLO_OK, got {type(msg).__name__}")
+        if msg.fingerprint != self.fp:   # never trust that P checked
+            raise _Fatal(Outcome.MISMATCH, f"KV fingerprint mismatch: decode has {self.fp}, "
+                         f"prefill has {msg.fingerprint} "
+                         f"({describe_mismatch(self.fp, msg.fingerprint)})")
+        if cfg.secret is not None and not (
+                msg.proof and proof_ok(cfg.secret, msg.proof, b"P", nonce, msg.nonce)):
+            raise _Fatal(Outcome.AUTH_FAILED, "prefill failed authentication: its proof does "
+                         "not match this worker's KV secret")
+        if msg.transport == "shm" and "shm" in offers:
+            transport = ShmTransport.attach(msg.shm_path, msg.shm_bytes, cfg.chunk_bytes)
+        elif msg.transport == "tcp" and "tcp" in offers:
+            transport = TcpTransport(cfg.chunk_bytes)
+        else:
+            raise proto.ProtocolError(f"prefill chose transport {msg.transport!r}, not offered")
+        self.transport_name = transport.name
+        try:
+            ch.send(proto.Prefill(self.rid, list(self.req.token_ids), dict(self.req.sampling),
+                                  self.n, self.upto,
+                                  proof(cfg.secret, b"D", msg.nonce, nonce)))
+        except BaseException:
+            transport.close()
+            raise
+        self.resumes += self.sessions > 0
+        self.sessions += 1
+        return transport
+
+    def _receive(self, ch: proto.Channel, transport) -> None:
+        bn = self.blocks.block_nbytes
+        done = False
+        while not (done and self.upto == self.n):
+            msg, plen = ch.recv()
+            if getattr(msg, "request_id", self.rid) != self.rid:
+                raise proto.ProtocolError(f"frame for unknown request {msg.request_id!r}")
+            if isinstance(msg, proto.Blocks):
+                f, k = msg.first_block, msg.num_blocks
+                # Bounds before any byte is written: the range must lie inside this
+                # request's reservation and the size must be exactly k blocks.
+                if not (0 <= f and 0 < k and f + k <= self.n and msg.nbytes == k * bn):
+                    raise proto.ProtocolError(
+                        f"BLOCKS {f}+{k} ({msg.nbytes} bytes) outside reservation of "
+                        f"{self.n} blocks of {bn} bytes")
+                self.verified[f:f + k] = bytes(k)
+                self.upto = min(self.upto, f)
+                got = transport.recv_blocks(ch, msg, plen, self.blocks.views(self.dest[f:f + k]))
+                self.bytes += msg.nbytes
+                if got == msg.checksum:
+                    self.verified[f:f + k] = b"\x01" * k
+                    self._advance()
+                    ch.send(proto.Ack(self.rid, self.upto))
+                else:
+                    self.checksum_failures += 1
+                    log.warning("request %s: checksum mismatch on blocks %d..%d, asking again",
+                                self.rid, f, f + k - 1)
+                    if self.checksum_failures > self.cfg.max_checksum_failures:
+                        raise _Fatal(Outcome.CORRUPT, f"{self.checksum_failures} checksum "
+                                     "failures; prefill's data keeps arriving corrupt")
+                    ch.send(proto.Nack(self.rid, f, k))
+            elif isinstance(msg, proto.Progress):
+                log.debug("request %s: prefill progress %d/%d tokens", self.rid,
+                          msg.tokens_done, msg.tokens_total)
+            elif isinstance(msg, proto.Done):
+                if msg.num_blocks != self.n:
+                    raise proto.ProtocolError(f"DONE for {msg.num_blocks} blocks, expected {self.n}")
+                self.first_token, done = msg.first_token, True
+            elif isinstance(msg, proto.Error):
+                raise _Fatal(Outcome.PEER_ERROR, f"prefill reported: {msg.reason}")
+            else:
+                raise proto.ProtocolError(f"unexpected {type(msg).__name__} from prefill")
+
+
+def fetch_kv(addr: tuple[str, int], request: PrefillRequest, dest_blocks: Sequence[int],
+             kv: torch.Tensor, config: TransferConfig, fingerprint: dict[str, str],
+             stats: TransferStats | None = None) -> FetchResult:
+    """Receive `request`'s KV from the P at `addr`; logical block i lands in kv[dest_blocks[i]].
+
+    `dest_blocks` is the reservation: nothing outside those blocks is ever written. Its
+    length is the block count sent in PREFILL; P refuses unless it equals
+    ceil(len(token_ids) / block_size).
+    """
+    t0 = time.monotonic()
+    f = _Fetch(addr, request, dest_blocks, kv, config, fingerprint)
+    if f.n == 0:
+        raise ValueError(f"request {f.rid}: empty reservation")
+    f.blocks.check_ids(f.dest, f"request {f.rid} dest_blocks")
+    failures = 0
+    outcome, reason = Outcome.OK, ""
+    while True:
+        before = f.upto
+        try:
+            f.session()
+            break
+        except _Fatal as e:
+            outcome, reason = e.outcome, e.reason
+            break
+        except proto.ProtocolError as e:
+            outcome, reason = Outcome.PROTOCOL_ERROR, f"prefill broke the protocol: {e}"
+            break
+        except (OSError, ConnectionError) as e:
+            # Only consecutive failures without a newly verified block count against the
+            # budget: a long transfer over a flaky link keeps going as long as it advances.
+            failures = 0 if f.upto > before else failures + 1
+            if failures > config.reconnect_attempts:
+                outcome = Outcome.RETRIES_EXHAUSTED if f.connected else Outcome.PEER_DEAD
+                reason = (f"{failures} consecutive connection failures without progress, "
+                          f"last: {e!r}")
+                break
+            pause = min(2.0, config.reconnect_backoff * 2 ** max(0, failures - 1))
+            log.warning("request %s: KV connection to %s:%d failed (%r) at block %d/%d; "
+                        "reconnecting in %.2fs", f.rid, *addr, e, f.upto, f.n, pause)
+            time.sleep(pause)
+    result = FetchResult(outcome, reason, f.upto, f.first_token if outcome is Outcome.OK else None,
+                         f.bytes, f.resumes, f.checksum_failures, time.monotonic() - t0,
+                         f.transport_name)
+    if result.ok:
+        log.info("request %s: KV transfer ok: %d blocks, %d bytes in %.3fs (%d resumes, %d "
+                 "checksum failures)", f.rid, f.n, f.bytes, result.seconds, f.resumes,
+                 f.checksum_failures)
+    else:
+        log.warning("request %s: KV transfer failed (%s): %s; %d/%d blocks verified",
+                    f.rid, outcome.value, reason, f.upto, f.n)
+    if stats is not None:
+        stats.record_fetch(result)
+    return result

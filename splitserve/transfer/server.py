@@ -1,0 +1,253 @@
+"""P side: the KV port. Accepts D's sessions, runs prefills, enforces leases.
+
+    server = KVTransferServer(kv, fingerprint, config, backend, host, port)
+    server.start()            # -> (host, port) actually bound
+    ...
+    server.close()            # releases every pinned request
+
+Threads: one acceptor, one lease reaper, per connection one sender + one reader, per
+request one prefill thread (Job). Blocking sockets in threads: the payload path is a
+sendmsg from KV memory, which needs no event loop and measured faster than asyncio.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+
+import torch
+
+from splitserve.transfer import protocol as proto
+from splitserve.transfer.backend import PrefillBackend, PrefillRequest
+from splitserve.transfer.config import TransferConfig, TransferStats
+from splitserve.transfer.connection import Connection
+from splitserve.transfer.handshake import host_id, proof, proof_ok, tune_socket
+from splitserve.transfer.job import Job
+from splitserve.transfer.kvmem import KVBlocks, describe_mismatch
+from splitserve.transfer.shm import ShmTransport
+from splitserve.transfer.tcp import TcpTransport
+
+log = logging.getLogger(__name__)
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+class KVTransferServer:
+    def __init__(self, kv: torch.Tensor, fingerprint: dict[str, str], config: TransferConfig,
+                 backend: PrefillBackend, host: str = "127.0.0.1", port: int = 0,
+                 stats: TransferStats | None = None):
+        self.blocks = KVBlocks(kv)
+        self.fingerprint = dict(fingerprint)
+        self.config = config
+        self.backend = backend
+        self.stats = stats or TransferStats()
+        self.blocks_per_frame = max(1, config.frame_bytes // self.blocks.block_nbytes)
+        self._host_id = host_id()
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._lsock = socket.create_server((host, port), backlog=128)
+        self.address: tuple[str, int] = self._lsock.getsockname()[:2]
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> tuple[str, int]:
+        for target, name in ((self._accept_loop, "kv-accept"), (self._reap_loop, "kv-lease")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("KV transfer server listening on %s:%d", *self.address)
+        return self.address
+
+    def __enter__(self) -> "KVTransferServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self._lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._lsock.close()
+        for job in list(self._jobs.values()):
+            self.release(job, "server shutting down", expired=False)
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def jobs(self) -> list[str]:
+        with self._lock:
+            return list(self._jobs)
+
+    # -- lifecycle of a request ------------------------------------------------------
+
+    def release(self, job: Job, why: str, expired: bool) -> None:
+        """Unpin a request exactly once; the only path to backend.release."""
+        with job.cond:
+            if job.released:
+                return
+            job.released = True
+            conn, job.conn = job.conn, None
+            pinned, sent, acked = len(job.ids), job.bytes_sent, job.verified_upto
+            idle = time.monotonic() - (job.deadline - job.lease)
+            job.cond.notify_all()
+        with self._lock:
+            self._jobs.pop(job.rid, None)
+        self.backend.release(job.rid)
+        self.stats.add("blocks_pinned", -pinned)
+        if expired:
+            self.stats.add("lease_expired")
+            log.warning("request %s: releasing %d pinned KV blocks: lease expired (%s, no "
+                        "ACK/HEARTBEAT for %.1fs, lease %.1fs); %d bytes sent, decode "
+                        "verified %d/%d blocks", job.rid, pinned, why, idle, job.lease, sent,
+                        acked, job.request.num_blocks)
+        else:
+            log.info("request %s: released %d KV blocks (%s); %d bytes sent in %.2fs",
+                     job.rid, pinned, why, sent, time.monotonic() - job.started)
+        if conn is not None:
+            conn.abort()
+
+    def _reap_loop(self) -> None:
+        tick = min(0.5, self.config.lease / 4)
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            with self._lock:
+                jobs = list(self._jobs.values())
+            for job in jobs:
+                with job.cond:
+                    expired = now > job.deadline and not job.released
+                    why = "decode connected but silent" if job.conn else "decode disconnected"
+                if expired:
+                    self.release(job, why, expired=True)
+
+    # -- connections -------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sock, peer = self._lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock, peer), daemon=True,
+                             name=f"kv-conn-{peer[0]}:{peer[1]}").start()
+
+    def _serve(self, sock: socket.socket, peer) -> None:
+        transport = None
+        try:
+            tune_socket(sock, self.config)
+            sock.settimeout(self.config.stall_timeout)   # a silent connector is dropped
+            ch = proto.Channel(sock, self.config.max_header_bytes)
+            try:
+                transport, job, resume = self._handshake(ch)
+            except _Refused as r:
+                log.warning("refusing KV session from %s:%d (%s): %s", *peer[:2], r.code, r.reason)
+                ch.send(proto.Refuse(r.code, r.reason))
+                return
+            sock.settimeout(None)   # from here liveness is the lease, not a socket timeout
+            conn = Connection(ch, transport, job, self.blocks, self.blocks_per_frame, resume, self)
+            with job.cond:
+                old, job.conn = job.conn, conn
+                if job.released:
+                    conn.closed = True
+            if old is not None:
+                log.info("request %s: decode reconnected, dropping the previous session", job.rid)
+                old.abort()
+            job.renew()
+            conn.run()
+            with job.cond:
+                if job.conn is conn:
+                    job.conn = None
+        except proto.ProtocolError as e:
+            log.warning("closing KV session from %s:%d: %s", *peer[:2], e)
+        except (OSError, ConnectionError) as e:
+            log.info("KV session from %s:%d ended: %s", *peer[:2], e)
+        finally:
+            if transport is not None:
+                transport.close()
+            sock.close()
+
+    def _handshake(self, ch: proto.Channel):
+        try:
+            hello, _ = ch.recv()
+        except proto.VersionMismatch as e:
+            raise _Refused("version", str(e)) from None
+        if not isinstance(hello, proto.Hello):
+            raise proto.ProtocolError(f"expected HELLO, got {type(hello).__name__}")
+        if hello.fingerprint != self.fingerprint:
+            raise _Refused("fingerprint", f"KV fingerprint mismatch: prefill has "
+                           f"{self.fingerprint}, decode has {hello.fingerprint} "
+                           f"({describe_mismatch(self.fingerprint, hello.fingerprint)})")
+        transport = self._choose_transport(hello)
+        nonce = os.urandom(16)
+        ch.send(proto.HelloOk(proto.VERSION, self.fingerprint, nonce,
+                              proof(self.config.secret, b"P", hello.nonce, nonce),
+                              transport.name, getattr(transport, "path", ""),
+                              getattr(transport, "size", 0)))
+        try:
+            msg, _ = ch.recv()
+            if not isinstance(msg, proto.Prefill):
+                raise proto.ProtocolError(f"expected PREFILL, got {type(msg).__name__}")
+            if not msg.auth and self.config.secret is not None:
+                raise _Refused("auth", "authentication required: this prefill worker has a KV "
+                                       "secret and decode sent no proof")
+            if not proof_ok(self.config.secret, msg.auth, b"D", nonce, hello.nonce):
+                raise _Refused("auth", "authentication failed: decode's proof does not match "
+                                       "this worker's KV secret")
+            job = self._attach(msg)
+        except BaseException:
+            transport.close()
+            raise
+        if isinstance(transport, ShmTransport):
+            transport.unlink()   # D has mapped it (it sent PREFILL after attaching)
+        return transport, job, msg.resume_from_block
+
+    def _choose_transport(self, hello: proto.Hello):
+        cfg = self.config
+        same_host = hello.host_id == self._host_id
+        if "shm" in hello.transports and same_host and cfg.transport in ("auto", "shm"):
+            slot = self.blocks_per_frame * self.blocks.block_nbytes
+            return ShmTransport.create(slot, cfg.shm_ring_bytes, cfg.chunk_bytes)
+        if "tcp" in hello.transports and cfg.transport in ("auto", "tcp"):
+            return TcpTransport(cfg.chunk_bytes)
+        raise _Refused("transport", f"no common transport: decode offers {hello.transports} "
+                       f"(same host: {same_host}), prefill allows {cfg.transport}")
+
+    def _attach(self, p: proto.Prefill) -> Job:
+        """Find the Job this PREFILL resumes, or start a new one."""
+        want = math.ceil(len(p.token_ids) / self.blocks.block_size)
+        if not p.token_ids or p.num_blocks != want:
+            raise _Refused("bad_request", f"request {p.request_id}: {len(p.token_ids)} tokens "
+                           f"need {want} blocks of {self.blocks.block_size}, decode reserved "
+                           f"{p.num_blocks}")
+        if not 0 <= p.resume_from_block <= p.num_blocks:
+            raise _Refused("bad_request", f"request {p.request_id}: resume_from_block "
+                           f"{p.resume_from_block} outside 0..{p.num_blocks}")
+        with self._lock:
+            job = self._jobs.get(p.request_id)
+            if job is None:
+                if p.resume_from_block > 0:
+                    raise _Refused("unknown_request", f"request {p.request_id}: nothing to "
+                                   "resume (lease expired or prefill worker restarted)")
+                req = PrefillRequest(p.request_id, p.token_ids, p.sampling, p.num_blocks)
+                job = Job(req, self.backend, self.config.lease, self.blocks.num_blocks,
+                          lambda n: self.stats.add("blocks_pinned", n))
+                self._jobs[p.request_id] = job
+                job.start()
+                log.info("request %s: prefill of %d tokens started for decode", p.request_id,
+                         len(p.token_ids))
+                return job
+        if job.request.token_ids != p.token_ids:
+            raise _Refused("bad_request", f"request {p.request_id}: already running with "
+                           "different tokens")
+        log.info("request %s: decode resumes from block %d", p.request_id, p.resume_from_block)
+        return job
