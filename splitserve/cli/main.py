@@ -1,0 +1,78 @@
+"""The `splitserve` command line (also `python -m splitserve`).
+
+Subcommand modules are imported only when they run, so `splitserve --help` stays fast
+and never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from splitserve.bench import BENCHES
+from splitserve.cli.engine_args import add_engine_arguments
+from splitserve.cli.logs import LEVELS
+from splitserve.worker.protocol import ROLES
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", choices=LEVELS, default="info")
+
+
+def _listen(p: argparse.ArgumentParser, port: int, what: str) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=port,
+                   help=f"{what} port; 0 picks a free one (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run frontend + worker(s) on this machine")
+    _listen(serve, 8000, "OpenAI API")
+    serve.add_argument("--port-file", help="write the API port here once everything is healthy")
+    serve.add_argument("--aggregated", action="store_true",
+                       help="one worker doing prefill and decode (the only mode for now)")
+    add_engine_arguments(serve)
+    _common(serve)
+    serve.set_defaults(module="splitserve.cli.serve_cmd", parser=serve)
+
+    frontend = sub.add_parser("frontend", help="run the OpenAI-compatible frontend")
+    _listen(frontend, 8000, "OpenAI API")
+    frontend.add_argument("--worker-url", action="append", required=True,
+                          help="worker base URL, e.g. http://127.0.0.1:8100 (repeatable)")
+    frontend.add_argument("--port-file", help="write the bound port here once listening")
+    _common(frontend)
+    frontend.set_defaults(module="splitserve.cli.frontend_cmd", parser=frontend)
+
+    worker = sub.add_parser("worker", help="run one engine behind the internal worker API")
+    _listen(worker, 0, "internal API")
+    worker.add_argument("--role", choices=ROLES, default="both",
+                        help="what this worker does (default: %(default)s)")
+    worker.add_argument("--port-file", help="write the bound port here once listening")
+    add_engine_arguments(worker)
+    _common(worker)
+    worker.set_defaults(module="splitserve.cli.worker_cmd", parser=worker)
+
+    bench = sub.add_parser("bench", help="run a benchmark")
+    bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(module=None, parser=bench)
+    return parser
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    # Only the chosen benchmark's module is imported; it defines its own flags.
+    parser = argparse.ArgumentParser(prog=f"splitserve bench {args.name}")
+    module = importlib.import_module(BENCHES[args.name])
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(args.bench_args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "bench":
+        return _run_bench(args)
+    return importlib.import_module(args.module).run(args.parser, args)

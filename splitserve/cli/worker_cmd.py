@@ -1,0 +1,41 @@
+"""`splitserve worker`: one engine behind the internal HTTP API.
+
+The HTTP server starts first and the model loads behind it, so /live and /health (503,
+"loading") answer during a long load. If the load or the engine fails, the process exits
+with status 1, so a supervisor notices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from splitserve.cli.engine_args import engine_config_from_args
+from splitserve.cli.http_server import HttpServer
+from splitserve.cli.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    config = engine_config_from_args(parser, args)
+    configure_logging("worker", args.log_level)
+    # Heavy imports (torch, the model code) after argument errors had their chance.
+    from splitserve.engine.llm_engine import LLMEngine
+    from splitserve.worker.app import create_app
+    from splitserve.worker.async_engine import AsyncEngine
+
+    exit_code = 0
+
+    def on_fatal(reason: str) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        logger.error("worker stopping: %s", reason)
+        server.request_exit()
+
+    engine = AsyncEngine(lambda: LLMEngine(config), on_fatal)
+    server = HttpServer(create_app(engine, args.role), args.host, args.port)
+    logger.info("worker (role %s) listening on http://%s:%d; loading the model", args.role,
+                server.host, server.port)
+    server.run(args.port_file)
+    return exit_code

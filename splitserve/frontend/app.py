@@ -1,0 +1,161 @@
+"""The OpenAI-compatible frontend: /v1/chat/completions, /v1/completions, /v1/models,
+/live, /health, /metrics.
+
+It serves whatever model its workers serve: the model name, max_model_len and the
+tokenizer's directory come from a ready worker's /info. Until then every API call
+answers 503 with the reason, and /health says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from splitserve.frontend.errors import OpenAIError, bad_request, unavailable
+from splitserve.frontend.generation import Generation
+from splitserve.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
+from splitserve.frontend.preprocess import Preprocessor
+from splitserve.frontend.responses import CHAT, COMPLETION, Shape, full_response, stream_events
+from splitserve.frontend.worker_client import WorkerClient
+from splitserve.metrics import FrontendMetrics
+from splitserve.worker import protocol as p
+
+logger = logging.getLogger(__name__)
+
+
+class Frontend:
+    """State shared by the routes: the workers, the tokenizer once known, the metrics."""
+
+    def __init__(self, worker_urls: list[str]):
+        self.client = WorkerClient(worker_urls)
+        self.registry = CollectorRegistry()
+        self.metrics = FrontendMetrics(self.registry)
+        self.tokenizer = None
+        self.preprocessor: Preprocessor | None = None
+        self.info: p.WorkerInfo | None = None
+        self.tokenizer_error: str | None = None
+
+    async def load_tokenizer(self) -> None:
+        await self.client.first_ready.wait()
+        info = self.client.info()
+        try:
+            from transformers import AutoTokenizer  # slow import: keep /live fast at start-up
+            tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, info.model_dir)
+        except Exception as e:
+            logger.exception("cannot load the tokenizer from %s", info.model_dir)
+            self.tokenizer_error = f"cannot load the tokenizer from {info.model_dir}: {e}"
+            return
+        self.tokenizer, self.info = tok, info
+        self.preprocessor = Preprocessor(tok, info.max_model_len)
+        logger.info("serving model %s (max_model_len %d)", info.model_name, info.max_model_len)
+
+    def unavailable_reason(self) -> str | None:
+        if self.tokenizer_error:
+            return self.tokenizer_error
+        reason = self.client.unavailable_reason()
+        if reason is None and self.preprocessor is None:
+            return "loading the tokenizer"
+        return reason
+
+    def require_ready(self) -> tuple[Preprocessor, p.WorkerInfo]:
+        reason = self.unavailable_reason()
+        if reason is not None:
+            raise unavailable(f"the server is not ready: {reason}")
+        return self.preprocessor, self.info
+
+
+async def _parse(request: Request, model_cls: type[BaseModel]):
+    try:
+        data = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err["loc"]) or None
+        raise bad_request(f"invalid value for '{param}': {err['msg']}", param) from e
+
+
+def create_app(worker_urls: list[str]) -> FastAPI:
+    fe = Frontend(worker_urls)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await fe.client.start()
+        loader = asyncio.create_task(fe.load_tokenizer())
+        yield
+        loader.cancel()
+        await fe.client.close()
+
+    app = FastAPI(title="splitserve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.frontend = fe
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_request: Request, e: OpenAIError) -> Response:
+        fe.metrics.requests.labels(status=str(e.status)).inc()
+        return e.response()
+
+    @app.get("/live")
+    async def live() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/health")
+    async def health() -> Response:
+        reason = fe.unavailable_reason()
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(fe.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        _, info = fe.require_ready()
+        return JSONResponse({"object": "list", "data": [{
+            "id": info.model_name, "object": "model", "created": 0, "owned_by": "splitserve",
+            "root": info.model_dir, "max_model_len": info.max_model_len}]})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _complete(request, ChatCompletionRequest, CHAT)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _complete(request, CompletionRequest, COMPLETION)
+
+    async def _complete(request: Request, model_cls: type[BaseModel], shape: Shape) -> Response:
+        arrival = time.monotonic()
+        body = await _parse(request, model_cls)
+        pre, info = fe.require_ready()
+        if body.model is not None and body.model != info.model_name:
+            raise OpenAIError(404, f"The model `{body.model}` does not exist.", "model")
+        if (name := body.unsupported()) is not None:
+            raise bad_request(f"'{name}' is not supported by this server", name)
+        if body.n != 1:
+            raise bad_request(f"n must be 1: one choice per request is supported (got n={body.n})", "n")
+        prompt = pre.chat_prompt(body) if shape.chat else pre.completion_prompt(body)
+        sampling = pre.sampling(body, len(prompt), shape.chat)
+        request_id = f"{'chatcmpl' if shape.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        gen = Generation(fe.client, fe.tokenizer, fe.metrics,
+                         p.GenerateRequest(request_id, prompt, sampling), body.stop_list(), arrival)
+        await gen.start()
+        if body.stream:
+            return StreamingResponse(stream_events(shape, gen, info.model_name, body.include_usage),
+                                     media_type="text/event-stream")
+        return await full_response(shape, gen, info.model_name)
+
+    return app

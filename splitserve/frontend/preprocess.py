@@ -1,0 +1,81 @@
+"""Turns a validated OpenAI request into a worker GenerateRequest: prompt tokens (chat
+template or raw prompt), the context-length check with vLLM's wording, sampling.
+
+Everything here fails with a 400 OpenAIError naming the offending parameter, before any
+work reaches a worker.
+"""
+
+from __future__ import annotations
+
+from splitserve.engine.types import SamplingError, SamplingParams
+from splitserve.frontend.errors import bad_request
+from splitserve.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
+from splitserve.worker import protocol as p
+
+# OpenAI's (and vLLM's) default for /v1/completions; chat defaults to the rest of the context.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+class Preprocessor:
+    def __init__(self, tokenizer, max_model_len: int):
+        self._tokenizer = tokenizer
+        self.max_model_len = max_model_len
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            text = self._tokenizer.apply_chat_template(messages, tokenize=False,
+                                                       add_generation_prompt=True)
+        except Exception as e:  # a template may raise on roles or orderings it does not allow
+            raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from e
+        # The template already wrote the special tokens (BOS, role markers) it wants.
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def completion_prompt(self, req: CompletionRequest) -> list[int]:
+        prompt = req.prompt
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one is one prompt
+        if isinstance(prompt, str):
+            return self._tokenizer.encode(prompt)
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        raise bad_request("only one prompt per request is supported; send a batch as separate requests",
+                          "prompt")
+
+    def sampling(self, req: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int,
+                 chat: bool) -> p.Sampling:
+        if num_prompt_tokens == 0:
+            raise bad_request("the prompt is empty", "messages" if chat else "prompt")
+        max_tokens = req.requested_max_tokens()
+        n = self.max_model_len
+        if max_tokens is None:
+            if num_prompt_tokens >= n:
+                raise bad_request(
+                    f"This model's maximum context length is {n} tokens. However, you requested "
+                    f"{num_prompt_tokens} tokens in the messages, Please reduce the length of "
+                    f"the messages.", "messages" if chat else "prompt")
+            max_tokens = n - num_prompt_tokens if chat else min(COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                                                 n - num_prompt_tokens)
+        elif max_tokens >= 1 and num_prompt_tokens + max_tokens > n:
+            raise bad_request(
+                f"This model's maximum context length is {n} tokens. However, you requested "
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the messages, "
+                f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                f"completion.", "messages" if chat else "prompt")
+        try:
+            params = SamplingParams(
+                max_tokens=max_tokens,
+                temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=0 if req.top_k is None else req.top_k,
+                seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()),
+                ignore_eos=req.ignore_eos)
+        except SamplingError as e:
+            param = "max_completion_tokens" if (e.param == "max_tokens" and chat
+                                                and req.max_completion_tokens is not None) else e.param
+            raise bad_request(str(e), param) from e
+        return p.Sampling(max_tokens=params.max_tokens, temperature=params.temperature,
+                          top_p=params.top_p, top_k=params.top_k, seed=params.seed,
+                          stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos)

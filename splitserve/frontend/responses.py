@@ -1,0 +1,101 @@
+"""OpenAI response bodies for chat and text completions, streamed (SSE) or whole.
+
+Chat and text completions differ only in names and in where the text goes (a `delta` /
+`message` object vs a `text` field), captured by `Shape`; the flow is shared.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import msgspec
+from fastapi.responses import Response
+
+from splitserve.frontend.errors import OpenAIError
+from splitserve.frontend.generation import Generation
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class Shape:
+    chat: bool
+
+    @property
+    def object_name(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    @property
+    def chunk_object_name(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def stream_choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        delta: dict = {"role": "assistant"} if first else {}
+        if text is not None:
+            delta["content"] = text
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+    def final_choice(self, text: str, finish_reason: str | None) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": None, "finish_reason": finish_reason}
+
+
+CHAT = Shape(chat=True)
+COMPLETION = Shape(chat=False)
+
+
+def _usage(gen: Generation) -> dict:
+    return {"prompt_tokens": gen.num_prompt_tokens, "completion_tokens": gen.num_generated_tokens,
+            "total_tokens": gen.num_prompt_tokens + gen.num_generated_tokens}
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+async def full_response(shape: Shape, gen: Generation, model: str) -> Response:
+    parts: list[str] = []
+    finish_reason = None
+    try:
+        async for delta in gen.deltas():
+            parts.append(delta.text)
+            finish_reason = delta.finish_reason
+    except OpenAIError as e:  # already counted by the Generation
+        return e.response()
+    body = {"id": gen.request_id, "object": shape.object_name, "created": int(time.time()),
+            "model": model, "choices": [shape.final_choice("".join(parts), finish_reason)],
+            "usage": _usage(gen)}
+    return Response(msgspec.json.encode(body), media_type="application/json")
+
+
+async def stream_events(shape: Shape, gen: Generation, model: str,
+                        include_usage: bool) -> AsyncIterator[bytes]:
+    created = int(time.time())
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+        body = {"id": gen.request_id, "object": shape.chunk_object_name, "created": created,
+                "model": model, "choices": choices}
+        if include_usage:  # OpenAI: with include_usage every chunk has a usage field
+            body["usage"] = usage
+        return _sse(body)
+
+    if shape.chat:  # the first chat delta announces the role
+        yield chunk([shape.stream_choice("", None, first=True)])
+    try:
+        async for delta in gen.deltas():
+            if delta.text:
+                yield chunk([shape.stream_choice(delta.text, None)])
+            if delta.finish_reason is not None:
+                yield chunk([shape.stream_choice(None if shape.chat else "", delta.finish_reason)])
+    except OpenAIError as e:  # headers are sent: the error travels as an event (as vLLM does)
+        yield _sse(e.body())
+    else:
+        if include_usage:
+            yield chunk([], _usage(gen))
+    yield DONE

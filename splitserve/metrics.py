@@ -1,0 +1,99 @@
+"""Every Prometheus metric splitserve exports, named in one place.
+
+Names carry the `splitserve_` prefix, a unit suffix (`_seconds`, `_tokens`) where there
+is a unit, and `_total` on counters, so dashboards can be written from this file alone.
+Each process (frontend, worker) builds its metrics into its own registry: two apps in one
+test process must not collide in the global default registry.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from splitserve.engine.types import EngineStats
+
+# --- frontend ---------------------------------------------------------------------------
+REQUESTS_TOTAL = "splitserve_requests_total"
+TIME_TO_FIRST_TOKEN_SECONDS = "splitserve_time_to_first_token_seconds"
+INTER_TOKEN_LATENCY_SECONDS = "splitserve_inter_token_latency_seconds"
+E2E_REQUEST_LATENCY_SECONDS = "splitserve_e2e_request_latency_seconds"
+PROMPT_TOKENS_TOTAL = "splitserve_prompt_tokens_total"
+GENERATION_TOKENS_TOTAL = "splitserve_generation_tokens_total"
+
+# --- worker (read from the engine's stats at scrape time) --------------------------------
+NUM_REQUESTS_RUNNING = "splitserve_num_requests_running"
+NUM_REQUESTS_WAITING = "splitserve_num_requests_waiting"
+KV_BLOCKS_IN_USE = "splitserve_kv_blocks_in_use"
+KV_BLOCKS_TOTAL = "splitserve_kv_blocks_total"
+PREFIX_CACHE_QUERIES_TOTAL = "splitserve_prefix_cache_queries_total"
+PREFIX_CACHE_HITS_TOTAL = "splitserve_prefix_cache_hits_total"
+NUM_PREEMPTIONS_TOTAL = "splitserve_num_preemptions_total"
+
+# Latency buckets span a fast CPU decode step (ms) to a long-context prefill (minutes).
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class FrontendMetrics:
+    """The frontend's request-level metrics, registered into `registry`."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.requests = Counter(
+            REQUESTS_TOTAL, "OpenAI API requests by outcome: the HTTP status returned, "
+            "499 when the client went away first", ["status"], registry=registry)
+        self.time_to_first_token = Histogram(
+            TIME_TO_FIRST_TOKEN_SECONDS, "Request arrival to first generated token",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.inter_token_latency = Histogram(
+            INTER_TOKEN_LATENCY_SECONDS, "Time between consecutive generated tokens",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.e2e_request_latency = Histogram(
+            E2E_REQUEST_LATENCY_SECONDS, "Request arrival to last generated token",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.prompt_tokens = Counter(
+            PROMPT_TOKENS_TOTAL, "Prompt tokens of accepted requests", registry=registry)
+        self.generation_tokens = Counter(
+            GENERATION_TOKENS_TOTAL, "Generated tokens", registry=registry)
+
+
+class EngineStatsCollector(Collector):
+    """Exports the latest EngineStats snapshot on each scrape.
+
+    The engine keeps cumulative counts itself, so the counters here are read, not
+    incremented: there is exactly one source of truth for each number.
+    """
+
+    def __init__(self, stats: Callable[[], EngineStats | None]):
+        self._stats = stats
+
+    def collect(self) -> Iterable:
+        s = self._stats()
+        if s is None:  # still loading: export nothing rather than misleading zeros
+            return
+        yield GaugeMetricFamily(NUM_REQUESTS_RUNNING, "Requests in the running batch",
+                                value=s.num_requests_running)
+        yield GaugeMetricFamily(NUM_REQUESTS_WAITING, "Requests queued for scheduling",
+                                value=s.num_requests_waiting)
+        yield GaugeMetricFamily(KV_BLOCKS_IN_USE, "KV cache blocks referenced by live requests",
+                                value=s.kv_blocks_in_use)
+        yield GaugeMetricFamily(KV_BLOCKS_TOTAL, "KV cache blocks in the pool",
+                                value=s.kv_blocks_total)
+        yield CounterMetricFamily(PREFIX_CACHE_QUERIES_TOTAL,
+                                  "Prompt tokens looked up in the prefix cache",
+                                  value=s.prefix_cache_queries_tokens)
+        yield CounterMetricFamily(PREFIX_CACHE_HITS_TOTAL,
+                                  "Prompt tokens found in the prefix cache",
+                                  value=s.prefix_cache_hits_tokens)
+        yield CounterMetricFamily(NUM_PREEMPTIONS_TOTAL,
+                                  "Requests preempted (KV freed, recomputed later)",
+                                  value=s.num_preemptions)
+
+
+def worker_registry(stats: Callable[[], EngineStats | None]) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(EngineStatsCollector(stats))
+    return registry
