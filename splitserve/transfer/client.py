@@ -41,6 +41,11 @@ class _Fatal(Exception):
         self.outcome, self.reason = outcome, reason
 
 
+def _refused(msg: proto.Refuse) -> _Fatal:
+    return _Fatal(_REFUSE_OUTCOME.get(msg.code, Outcome.REFUSED),
+                  f"prefill refused ({msg.code}): {msg.reason}")
+
+
 class _Fetch:
     def __init__(self, addr, request: PrefillRequest, dest_blocks: Sequence[int],
                  kv: torch.Tensor, config: TransferConfig, fingerprint: dict[str, str]):
@@ -106,8 +111,7 @@ class _Fetch:
         except proto.VersionMismatch as e:
             raise _Fatal(Outcome.MISMATCH, str(e)) from None
         if isinstance(msg, proto.Refuse):
-            raise _Fatal(_REFUSE_OUTCOME.get(msg.code, Outcome.REFUSED),
-                         f"prefill refused ({msg.code}): {msg.reason}")
+            raise _refused(msg)
         if not isinstance(msg, proto.HelloOk):
             raise proto.ProtocolError(f"expected HELLO_OK, got {type(msg).__name__}")
         if msg.fingerprint != self.fp:   # never trust that P checked
@@ -174,6 +178,8 @@ class _Fetch:
                 if msg.num_blocks != self.n:
                     raise proto.ProtocolError(f"DONE for {msg.num_blocks} blocks, expected {self.n}")
                 self.first_token, done = msg.first_token, True
+            elif isinstance(msg, proto.Refuse):   # P checks PREFILL after HELLO_OK
+                raise _refused(msg)
             elif isinstance(msg, proto.Error):
                 raise _Fatal(Outcome.PEER_ERROR, f"prefill reported: {msg.reason}")
             else:

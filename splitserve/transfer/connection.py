@@ -77,8 +77,9 @@ class Connection:
             return ("blocks", first, ids)
         if job.error is not None:
             return ("error", job.error)
-        if job.tokens_done != self.progress_sent and job.first_token is None:
-            self.progress_sent = job.tokens_done
+        # Coalesced: a burst of Progress events becomes one frame with the latest count.
+        if job.progress_seq != self.progress_sent and job.first_token is None:
+            self.progress_sent = job.progress_seq
             return ("progress", job.tokens_done, job.tokens_total)
         if job.first_token is not None and self.next_send == n and not self.done_sent:
             self.done_sent = True

@@ -32,6 +32,7 @@ class Job:
         self.cond = threading.Condition()
         self.ids: list[int] = []          # physical ids of logical blocks ready so far
         self.tokens_done = 0
+        self.progress_seq = 0             # bumps on every Progress: "the engine is alive"
         self.tokens_total = len(request.token_ids)
         self.first_token: int | None = None
         self.error: str | None = None
@@ -65,6 +66,7 @@ class Job:
                         self.on_pinned(len(ev.block_ids))
                     elif isinstance(ev, Progress):
                         self.tokens_done, self.tokens_total = ev.tokens_done, ev.tokens_total
+                        self.progress_seq += 1
                     elif isinstance(ev, Done):
                         if len(self.ids) != n:
                             raise RuntimeError(f"Done after {len(self.ids)} of {n} blocks")

@@ -121,3 +121,18 @@ class SyntheticBackend(PrefillBackend):
             self._free.extend(ids)
         if evt is not None:
             evt.set()
+
+
+def make_kv(num_blocks: int, *, num_layers: int = 2, block_size: int = 16, num_kv_heads: int = 2,
+            head_dim: int = 32, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A zeroed KV tensor in the engine's layout (8 KiB blocks with the defaults)."""
+    return torch.zeros(num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, dtype=dtype)
+
+
+def mismatched_blocks(kv: torch.Tensor, request_id: str, dest_blocks: list[int],
+                      count: int) -> list[int]:
+    """Logical blocks among the first `count` whose bytes in kv differ from what P sent."""
+    blocks = KVBlocks(kv)
+    nb = blocks.block_nbytes
+    return [i for i, b in enumerate(dest_blocks[:count])
+            if bytes(blocks.mem[b * nb:(b + 1) * nb]) != expected_block(request_id, i, nb).tobytes()]
