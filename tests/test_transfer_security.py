@@ -1,0 +1,192 @@
+"""Handshake refusals and hostile peers: nothing is misread, nothing outside the reservation
+is written, and a bad peer cannot take the server down."""
+
+import socket
+import struct
+import threading
+
+import msgspec
+import pytest
+
+from splitserve.transfer import (KVTransferServer, Outcome, PrefillRequest, TransferConfig,
+                                 fetch_kv, kv_fingerprint)
+from splitserve.transfer import protocol as proto
+from splitserve.transfer.synthetic import SyntheticBackend, make_kv, mismatched_blocks
+
+NB = 8192
+FAST = dict(stall_timeout=1.0, lease=2.0, heartbeat_interval=0.2, reconnect_attempts=0)
+
+
+def request(rid="r", num_blocks=4):
+    return PrefillRequest(rid, list(range(num_blocks * 16)), {}, num_blocks)
+
+
+def test_fingerprint_mismatch_names_both():
+    pkv, dkv = make_kv(8), make_kv(8, num_layers=3)
+    p_fp = kv_fingerprint(pkv, architecture="LlamaForCausalLM")
+    d_fp = kv_fingerprint(dkv, architecture="LlamaForCausalLM")
+    cfg = TransferConfig(transport="tcp", **FAST)
+    backend = SyntheticBackend(pkv)
+    with KVTransferServer(pkv, p_fp, cfg, backend) as server:
+        r = fetch_kv(server.address, request(), [0, 1, 2, 3], dkv, cfg, d_fp)
+    assert r.outcome is Outcome.MISMATCH
+    assert str(p_fp) in r.reason and str(d_fp) in r.reason
+    assert "kv_block_shape: '3x2x16x2x32' vs '2x2x16x2x32'" in r.reason or \
+           "kv_block_shape: '2x2x16x2x32' vs '3x2x16x2x32'" in r.reason
+    assert backend.started == [] and not dkv.any()
+
+
+@pytest.mark.parametrize("d_secret,why", [("wrong", "auth"), (None, "auth")])
+def test_wrong_or_missing_secret_is_refused(d_secret, why):
+    pkv, dkv = make_kv(8), make_kv(8)
+    fp = kv_fingerprint(pkv)
+    backend = SyntheticBackend(pkv)
+    with KVTransferServer(pkv, fp, TransferConfig(transport="tcp", secret="s3cret", **FAST),
+                          backend) as server:
+        r = fetch_kv(server.address, request(), [0, 1, 2, 3], dkv,
+                     TransferConfig(transport="tcp", secret=d_secret, **FAST), fp)
+        assert r.outcome is Outcome.AUTH_FAILED, r.reason
+        ok = fetch_kv(server.address, request("good"), [4, 5, 6, 7], dkv,
+                      TransferConfig(transport="tcp", secret="s3cret", **FAST), fp)
+        assert ok.outcome is Outcome.OK, ok.reason
+    assert backend.started == ["good"] and not dkv[:4].any()
+
+
+def test_secret_never_crosses_the_wire():
+    pkv = make_kv(8)
+    fp = kv_fingerprint(pkv)
+    cfg = TransferConfig(transport="tcp", secret="s3cret", **FAST)
+    with KVTransferServer(pkv, fp, cfg, SyntheticBackend(pkv)) as server:
+        with socket.create_connection(server.address) as sock:
+            ch = proto.Channel(sock)
+            ch.send(proto.Hello(proto.VERSION, fp, b"n" * 16, ["tcp"], "x"))
+            ok, _ = ch.recv()
+            assert isinstance(ok, proto.HelloOk) and len(ok.proof) == 32
+            assert b"s3cret" not in msgspec.msgpack.encode(ok)
+            ch.send(proto.Prefill("r", list(range(16)), {}, 1, 0, auth=b"x" * 32))
+            refuse, _ = ch.recv()
+            assert isinstance(refuse, proto.Refuse) and refuse.code == "auth"
+
+
+def test_other_protocol_version_is_refused_on_first_frame():
+    pkv = make_kv(8)
+    fp = kv_fingerprint(pkv)
+    with KVTransferServer(pkv, fp, TransferConfig(**FAST), SyntheticBackend(pkv)) as server:
+        with socket.create_connection(server.address) as sock:
+            head = msgspec.msgpack.encode(proto.Hello(99, fp, b"n" * 16, ["tcp"], "x"))
+            sock.sendall(proto.PREFIX.pack(proto.MAGIC, 99, 0, len(head), 0) + head)
+            refuse, _ = proto.Channel(sock).recv()
+    assert isinstance(refuse, proto.Refuse) and refuse.code == "version"
+    assert "v1" in refuse.reason and "v99" in refuse.reason
+
+
+class EvilPrefill:
+    """Completes the handshake honestly, then sends `frames` (raw bytes) to D."""
+
+    def __init__(self, fp, frames):
+        self.fp, self.frames = fp, frames
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.address = self.lsock.getsockname()[:2]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        sock, _ = self.lsock.accept()
+        with sock:
+            ch = proto.Channel(sock)
+            hello, _ = ch.recv()
+            ch.send(proto.HelloOk(proto.VERSION, self.fp, b"p" * 16, b"", "tcp"))
+            prefill, _ = ch.recv()
+            for f in self.frames(prefill):
+                try:
+                    sock.sendall(f)
+                except OSError:
+                    return
+            sock.settimeout(5)
+            try:
+                while sock.recv(1 << 16):
+                    pass
+            except OSError:
+                pass
+
+
+def frame(msg, payload=b"", payload_len=None):
+    head = msgspec.msgpack.encode(msg)
+    n = len(payload) if payload_len is None else payload_len
+    return proto.PREFIX.pack(proto.MAGIC, proto.VERSION, 0, len(head), n) + head + payload
+
+
+def blocks(rid, first, k, nbytes=None, payload=None, payload_len=None):
+    nbytes = k * NB if nbytes is None else nbytes
+    data = b"\xAB" * nbytes if payload is None else payload
+    return frame(proto.Blocks(rid, first, k, nbytes, 0), data, payload_len)
+
+
+EVIL = {
+    "block past reservation": lambda p: [blocks(p.request_id, 3, 2)],
+    "negative block": lambda p: [blocks(p.request_id, -1, 1)],
+    "oversized nbytes": lambda p: [blocks(p.request_id, 0, 1, nbytes=64 * NB)],
+    "payload longer than nbytes": lambda p: [blocks(p.request_id, 0, 1, payload_len=1 << 40)],
+    "unknown request id": lambda p: [blocks("someone-else", 0, 1)],
+    "huge header length": lambda p: [proto.PREFIX.pack(proto.MAGIC, proto.VERSION, 0,
+                                                       0x7FFFFFFF, 0)],
+    "payload on a control frame": lambda p: [frame(proto.Progress(p.request_id, 1, 2),
+                                                   b"\0" * NB)],
+    "garbage": lambda p: [b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 64],
+    "done for other size": lambda p: [frame(proto.Done(p.request_id, 5, 99))],
+}
+
+
+@pytest.mark.parametrize("attack", list(EVIL))
+def test_hostile_prefill_cannot_write_outside_reservation(attack):
+    dkv = make_kv(16)
+    dkv.view(-1).fill_(1.5)                      # a sentinel in every byte of D's KV
+    before = dkv.clone()
+    fp = kv_fingerprint(dkv)
+    evil = EvilPrefill(fp, EVIL[attack])
+    dest = [9, 2, 11, 5]
+    r = fetch_kv(evil.address, request("victim", 4), dest, dkv,
+                 TransferConfig(transport="tcp", **FAST), fp)
+    assert r.outcome is Outcome.PROTOCOL_ERROR, r
+    assert r.blocks_verified == 0
+    assert dkv.equal(before), "D's KV was written"
+
+
+def test_hostile_prefill_checksum_garbage_never_counts_as_verified():
+    dkv = make_kv(16)
+    fp = kv_fingerprint(dkv)
+    evil = EvilPrefill(fp, lambda p: [blocks(p.request_id, 0, 1)] * 3)  # checksum 0: wrong
+    r = fetch_kv(evil.address, request("victim", 4), [1, 2, 3, 4], dkv,
+                 TransferConfig(transport="tcp", max_checksum_failures=2, **FAST), fp)
+    assert r.outcome is Outcome.CORRUPT and r.checksum_failures == 3
+    assert r.blocks_verified == 0
+    assert not dkv[5:].any() and not dkv[0].any()
+
+
+@pytest.mark.parametrize("attack", ["nack unsent", "other request", "huge header", "payload"])
+def test_hostile_decode_cannot_hurt_the_server(attack):
+    pkv, dkv = make_kv(32), make_kv(32)
+    fp = kv_fingerprint(pkv)
+    cfg = TransferConfig(transport="tcp", **FAST)
+    backend = SyntheticBackend(pkv, blocks_per_chunk=1, stall_at_block=2)
+    with KVTransferServer(pkv, fp, cfg, backend) as server:
+        with socket.create_connection(server.address) as sock:
+            ch = proto.Channel(sock)
+            ch.send(proto.Hello(proto.VERSION, fp, b"n" * 16, ["tcp"], "x"))
+            ch.recv()
+            ch.send(proto.Prefill("target", list(range(64)), {}, 4, 0))
+            bad = {"nack unsent": frame(proto.Nack("target", 0, 4)),
+                   "other request": frame(proto.Ack("not-mine", 1)),
+                   "huge header": struct.pack("!4sHHIQ", proto.MAGIC, proto.VERSION, 0,
+                                              1 << 30, 0),
+                   "payload": frame(proto.Heartbeat("target"), b"x" * 100)}[attack]
+            sock.sendall(bad)
+            sock.settimeout(5)
+            while sock.recv(1 << 16):   # P drops the session; a timeout here fails
+                pass
+            assert server.jobs() == ["target"]   # the job survives for a legit resume
+        # The server still serves honest peers.
+        ok_backend_request = PrefillRequest("honest", list(range(16)), {}, 1)
+        backend.stall_at_block = None
+        r = fetch_kv(server.address, ok_backend_request, [7], dkv, cfg, fp)
+        assert r.ok, r.reason
+        assert mismatched_blocks(dkv, "honest", [7], 1) == []
