@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run frontend + worker(s) on this machine")
     _listen(serve, 8000, "OpenAI API")
     serve.add_argument("--port-file", help="write the API port here once everything is healthy")
+    serve.add_argument("--worker-port", type=int, default=0,
+                       help="the worker's internal API port on 127.0.0.1; 0 picks a free one "
+                            "(default: %(default)s)")
     serve.add_argument("--aggregated", action="store_true",
                        help="one worker doing prefill and decode (the only mode for now)")
     add_engine_arguments(serve)

@@ -49,7 +49,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         try:
             port_file = Path(tmp) / "worker.port"
             sup.spawn("worker", base + ["worker", "--role", "both", "--host", "127.0.0.1",
-                                        "--port", "0", "--port-file", str(port_file),
+                                        "--port", str(args.worker_port),
+                                        "--port-file", str(port_file),
                                         *common, *engine_argv(config)])
             worker_url = f"http://127.0.0.1:{_wait_port_file(port_file, sup, stop)}"
             _wait_healthy(f"{worker_url}/health", "worker", sup, stop)

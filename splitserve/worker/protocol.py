@@ -68,7 +68,7 @@ class WorkerInfo(msgspec.Struct):
     eos_token_ids: list[int]
 
 
-class WorkerHealth(msgspec.Struct):
+class WorkerHealth(msgspec.Struct, omit_defaults=True):
     """GET /health body: status is 'ok', 'loading' or 'failed'; reason says why not ok."""
 
     status: str

@@ -1,0 +1,101 @@
+"""Start a real `splitserve serve` subprocess on loopback free ports for tests, and read
+Prometheus metrics from its processes. Reusable by any test module that needs a live
+server (use it from a module- or session-scoped fixture)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric_value(url: str, name: str) -> float:
+    """Sum of the samples named `name` (all label sets) in the Prometheus text at url."""
+    text = httpx.get(url, timeout=10).text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.split("{")[0].split(" ")[0] == name]
+    if not values:
+        raise AssertionError(f"metric {name} not found at {url}")
+    return sum(values)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of pid, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class LiveServer:
+    process: subprocess.Popen
+    base_url: str       # the OpenAI API root, e.g. http://127.0.0.1:PORT
+    worker_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_metric(self, name: str) -> float:
+        return metric_value(f"{self.worker_url}/metrics", name)
+
+    def frontend_metric(self, name: str) -> float:
+        return metric_value(f"{self.base_url}/metrics", name)
+
+    def wait_worker_metric(self, name: str, value: float, timeout: float = 15.0) -> float:
+        deadline = time.monotonic() + timeout
+        while (got := self.worker_metric(name)) != value and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return got
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def start_serve(model_dir: Path, workdir: Path, *extra_args: str, timeout: float = 180.0) -> LiveServer:
+    """Run `splitserve serve --aggregated` and wait until it reports ready."""
+    port_file = workdir / "api.port"
+    log_path = workdir / "serve.log"
+    worker_port = free_port()
+    cmd = [sys.executable, "-m", "splitserve", "serve", "--aggregated", "--model", str(model_dir),
+           "--port", "0", "--port-file", str(port_file), "--worker-port", str(worker_port),
+           *extra_args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    deadline = time.monotonic() + timeout
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"serve did not start (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.2)
+    return LiveServer(proc, f"http://127.0.0.1:{int(port_file.read_text())}",
+                      f"http://127.0.0.1:{worker_port}", log_path)

@@ -1,0 +1,84 @@
+"""The `splitserve` command line: flags and defaults from the config dataclass, and
+`serve`'s supervision of its child processes (clean stop, a dying child, no orphans)."""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from live_server import child_pids, pid_alive, start_serve
+from splitserve.cli.engine_args import engine_argv, engine_config_from_args
+from splitserve.cli.main import build_parser
+from splitserve.config import EngineConfig, defaults
+
+
+def _config(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return engine_config_from_args(args.parser, args)
+
+
+def test_engine_flag_defaults_come_from_engine_config():
+    assert dataclasses.asdict(_config(["worker"])) == defaults(EngineConfig)
+
+
+def test_engine_flags_round_trip_through_a_child_command_line():
+    config = _config(["serve", "--model", "/m", "--kv-cache-memory", "2GiB", "--block-size", "32",
+                      "--max-model-len", "1024", "--dtype", "bfloat16", "--no-enable-prefix-caching",
+                      "--served-model-name", "m", "--max-num-seqs", "8", "--max-num-batched-tokens", "256"])
+    assert config.kv_cache_memory == 2 * 1024**3 and config.enable_prefix_caching is False
+    assert _config(["worker", *engine_argv(config)]) == config
+
+
+def test_invalid_engine_flags_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        _config(["serve", "--block-size", "24"])
+    assert e.value.code == 2 and "block_size must be a positive power of two" in capsys.readouterr().err
+
+
+def test_help_does_not_import_torch():
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "splitserve", "--help"],
+                         capture_output=True, text=True, check=True)
+    assert "serve" in out.stdout
+    assert not any(line.rsplit("|", 1)[-1].strip() == "torch" for line in out.stderr.splitlines())
+
+
+def _wait_gone(pids, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [p for p in pids if pid_alive(p)]
+
+
+def test_serve_supervision(tiny_llama_dir, tmp_path):
+    # SIGTERM: every child stops and serve exits 0.
+    (tmp_path / "a").mkdir()
+    srv = start_serve(tiny_llama_dir, tmp_path / "a")
+    children = child_pids(srv.process.pid)
+    assert len(children) == 2
+    assert srv.stop(signal.SIGTERM) == 0
+    assert _wait_gone(children) == []
+
+    # A child that dies takes serve down, with a message naming it.
+    (tmp_path / "b").mkdir()
+    srv = start_serve(tiny_llama_dir, tmp_path / "b")
+    by_part = {open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[3].decode(): pid
+               for pid in child_pids(srv.process.pid)}  # argv: python -m splitserve PART ...
+    worker, frontend = by_part["worker"], by_part["frontend"]
+    subprocess.run(["kill", "-KILL", str(worker)], check=True)
+    assert srv.process.wait(30) == 1
+    assert f"worker (pid {worker}) exited with code -9; stopping everything" in srv.log()
+    assert _wait_gone([frontend]) == []
+
+    # serve itself killed: the kernel takes the children down too (no orphans).
+    (tmp_path / "c").mkdir()
+    srv = start_serve(tiny_llama_dir, tmp_path / "c")
+    children = child_pids(srv.process.pid)
+    srv.process.kill()
+    srv.process.wait()
+    assert _wait_gone(children) == []
