@@ -145,6 +145,8 @@ def create_app(worker_urls: list[str]) -> FastAPI:
             raise OpenAIError(404, f"The model `{body.model}` does not exist.", "model")
         if (name := body.unsupported()) is not None:
             raise bad_request(f"'{name}' is not supported by this server", name)
+        if body.stream_options is not None and not body.stream:
+            raise bad_request("stream_options can only be given when stream is true", "stream_options")
         if body.n != 1:
             raise bad_request(f"n must be 1: one choice per request is supported (got n={body.n})", "n")
         prompt = pre.chat_prompt(body) if shape.chat else pre.completion_prompt(body)

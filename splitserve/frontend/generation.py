@@ -88,8 +88,12 @@ class Generation:
             status = str(e.status)
             raise
         finally:
-            await self._resources.aclose()
-            self._finish(status)
+            # NOTE: under cancellation (client gone) the await below may be cancelled too;
+            # the outcome is recorded regardless.
+            try:
+                await self._resources.aclose()
+            finally:
+                self._finish(status)
 
     def _observe_tokens(self, n: int) -> None:
         if n == 0:
