@@ -81,12 +81,14 @@ class LiveServer:
         return self.process.wait(timeout)
 
 
-def start_serve(model_dir: Path, workdir: Path, *extra_args: str, timeout: float = 180.0) -> LiveServer:
-    """Run `splitserve serve --aggregated` and wait until it reports ready."""
+def start_serve(model_dir: Path | None, workdir: Path, *extra_args: str, timeout: float = 180.0) -> LiveServer:
+    """Run `splitserve serve --aggregated` and wait until it reports ready. model_dir=None
+    serves the embedded default model."""
     port_file = workdir / "api.port"
     log_path = workdir / "serve.log"
     worker_port = free_port()
-    cmd = [sys.executable, "-m", "splitserve", "serve", "--aggregated", "--model", str(model_dir),
+    model_args = [] if model_dir is None else ["--model", str(model_dir)]
+    cmd = [sys.executable, "-m", "splitserve", "serve", "--aggregated", *model_args,
            "--port", "0", "--port-file", str(port_file), "--worker-port", str(worker_port),
            *extra_args]
     with open(log_path, "wb") as log:

@@ -18,13 +18,9 @@ from test_model import prefill_logits
 
 
 @pytest.fixture(scope="session")
-def default_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("model-cache")
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(default_cache):
-    return resolve_model(None, cache_dir=default_cache)
+def default_cache(smollm2_dir):
+    """The session cache root (conftest points SPLITSERVE_CACHE at a temporary folder)."""
+    return smollm2_dir.parent
 
 
 def test_default_model_converts_and_matches_transformers(smollm2_dir):
