@@ -6,6 +6,7 @@ import pytest
 
 from splitserve.transfer import (KVTransferServer, Outcome, PrefillRequest, TransferConfig,
                                  TransferStats, fetch_kv, kv_fingerprint)
+from splitserve.transfer.shmfile import allocate_shared_kv, free_shared_kv
 from splitserve.transfer.synthetic import (SyntheticBackend, expected_first_token, make_kv,
                                            mismatched_blocks)
 
@@ -17,9 +18,11 @@ def request(rid: str, num_blocks: int) -> PrefillRequest:
                           num_blocks)
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
-def test_bytes_arrive_identical(transport):
-    pkv, dkv = make_kv(96), make_kv(96)
+@pytest.mark.parametrize("transport,shared", [("tcp", False), ("shm", False), ("shm", True)])
+def test_bytes_arrive_identical(transport, shared):
+    dkv = make_kv(96)
+    # shared: P's KV itself is in shared memory, D copies straight out of it
+    pkv = allocate_shared_kv(tuple(dkv.shape), dkv.dtype) if shared else make_kv(96)
     fp = kv_fingerprint(pkv, architecture="LlamaForCausalLM")
     # 3 blocks per frame, so frames, chunks and runs of adjacent ids all have seams.
     cfg = TransferConfig(transport=transport, frame_bytes=3 * 8192 + 100, chunk_bytes=5000)
@@ -41,13 +44,15 @@ def test_bytes_arrive_identical(transport):
     assert p_stats.blocks_pinned == 0
     assert d_stats.snapshot()["transfers"] == {"ok": 1}
     assert p_stats.bytes_sent == 20 * 8192
+    if shared:
+        free_shared_kv(pkv)
 
 
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_concurrent_requests(transport):
     pkv, dkv = make_kv(128), make_kv(128)
     fp = kv_fingerprint(pkv)
-    cfg = TransferConfig(transport=transport)
+    cfg = TransferConfig(transport=transport, shm_ring_bytes=1 << 20)
     backend = SyntheticBackend(pkv, blocks_per_chunk=2, chunk_delay=0.005)
     results = {}
     with KVTransferServer(pkv, fp, cfg, backend) as server:

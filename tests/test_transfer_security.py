@@ -11,6 +11,7 @@ import pytest
 from splitserve.transfer import (KVTransferServer, Outcome, PrefillRequest, TransferConfig,
                                  fetch_kv, kv_fingerprint)
 from splitserve.transfer import protocol as proto
+from splitserve.transfer.shmfile import Ring
 from splitserve.transfer.synthetic import SyntheticBackend, make_kv, mismatched_blocks
 
 NB = 8192
@@ -83,8 +84,8 @@ def test_other_protocol_version_is_refused_on_first_frame():
 class EvilPrefill:
     """Completes the handshake honestly, then sends `frames` (raw bytes) to D."""
 
-    def __init__(self, fp, frames):
-        self.fp, self.frames = fp, frames
+    def __init__(self, fp, frames, transport="tcp", ring=None):
+        self.fp, self.frames, self.transport, self.ring = fp, frames, transport, ring
         self.lsock = socket.create_server(("127.0.0.1", 0))
         self.address = self.lsock.getsockname()[:2]
         threading.Thread(target=self._serve, daemon=True).start()
@@ -94,7 +95,10 @@ class EvilPrefill:
         with sock:
             ch = proto.Channel(sock)
             hello, _ = ch.recv()
-            ch.send(proto.HelloOk(proto.VERSION, self.fp, b"p" * 16, b"", "tcp"))
+            ring = self.ring
+            ch.send(proto.HelloOk(proto.VERSION, self.fp, b"p" * 16, b"", self.transport,
+                                  ack_every=1, shm_path=ring.path if ring else "",
+                                  shm_bytes=ring.size if ring else 0))
             prefill, _ = ch.recv()
             for f in self.frames(prefill):
                 try:
@@ -149,6 +153,21 @@ def test_hostile_prefill_cannot_write_outside_reservation(attack):
     assert r.outcome is Outcome.PROTOCOL_ERROR, r
     assert r.blocks_verified == 0
     assert dkv.equal(before), "D's KV was written"
+
+
+@pytest.mark.parametrize("offset", [-NB, 2 * NB + 1, 1 << 40])
+def test_hostile_shm_offsets_are_bounded(offset):
+    dkv = make_kv(16)
+    before = dkv.clone()
+    fp = kv_fingerprint(dkv)
+    ring = Ring(3 * NB)
+    msg = lambda p: [frame(proto.Blocks(p.request_id, 0, 2, 2 * NB, 0, [0, offset]))]
+    evil = EvilPrefill(fp, msg, transport="shm", ring=ring)
+    r = fetch_kv(evil.address, request("victim", 4), [1, 2, 3, 4], dkv,
+                 TransferConfig(transport="shm", **FAST), fp)
+    ring.destroy()
+    assert r.outcome is Outcome.PROTOCOL_ERROR and "outside file" in r.reason
+    assert dkv.equal(before)
 
 
 def test_hostile_prefill_checksum_garbage_never_counts_as_verified():

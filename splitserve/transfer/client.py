@@ -24,7 +24,7 @@ from splitserve.transfer.backend import PrefillRequest
 from splitserve.transfer.config import FetchResult, Outcome, TransferConfig, TransferStats
 from splitserve.transfer.handshake import host_id, proof, proof_ok, tune_socket
 from splitserve.transfer.kvmem import KVBlocks, describe_mismatch
-from splitserve.transfer.shm import ShmTransport
+from splitserve.transfer.shm import ShmReceiver
 from splitserve.transfer.tcp import TcpTransport
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class _Fetch:
         self.bytes = self.resumes = self.checksum_failures = self.sessions = 0
         self.connected = False            # did the latest attempt reach P at all?
         self.transport_name = ""
+        self.ack_every = 1
+        self.unacked = 0                  # frames verified but not yet answered
 
     def _advance(self) -> None:
         while self.upto < self.n and self.verified[self.upto]:
@@ -99,7 +101,14 @@ class _Fetch:
             raise _Fatal(Outcome.STALLED, f"no bytes and no PROGRESS from prefill for "
                          f"{now - ch.last_rx:.1f}s (kv_stall_timeout {self.cfg.stall_timeout}s)")
         if heartbeat and now - ch.last_tx >= self.cfg.heartbeat_interval:
-            ch.send(proto.Heartbeat(self.rid))
+            if self.unacked:
+                self._ack(ch)     # an idle moment is a good time to report progress
+            else:
+                ch.send(proto.Heartbeat(self.rid))
+
+    def _ack(self, ch: proto.Channel) -> None:
+        ch.send(proto.Ack(self.rid, self.upto, self.unacked))
+        self.unacked = 0
 
     def _handshake(self, ch: proto.Channel):
         cfg = self.cfg
@@ -123,12 +132,13 @@ class _Fetch:
             raise _Fatal(Outcome.AUTH_FAILED, "prefill failed authentication: its proof does "
                          "not match this worker's KV secret")
         if msg.transport == "shm" and "shm" in offers:
-            transport = ShmTransport.attach(msg.shm_path, msg.shm_bytes, cfg.chunk_bytes)
+            transport = ShmReceiver(self.blocks, cfg.chunk_bytes, msg.shm_path, msg.shm_bytes)
         elif msg.transport == "tcp" and "tcp" in offers:
-            transport = TcpTransport(cfg.chunk_bytes)
+            transport = TcpTransport(self.blocks, cfg.chunk_bytes)
         else:
             raise proto.ProtocolError(f"prefill chose transport {msg.transport!r}, not offered")
         self.transport_name = transport.name
+        self.ack_every, self.unacked = max(1, msg.ack_every), 0
         try:
             ch.send(proto.Prefill(self.rid, list(self.req.token_ids), dict(self.req.sampling),
                                   self.n, self.upto,
@@ -157,12 +167,14 @@ class _Fetch:
                         f"{self.n} blocks of {bn} bytes")
                 self.verified[f:f + k] = bytes(k)
                 self.upto = min(self.upto, f)
-                got = transport.recv_blocks(ch, msg, plen, self.blocks.views(self.dest[f:f + k]))
+                got = transport.recv_blocks(ch, msg, plen, self.dest[f:f + k])
                 self.bytes += msg.nbytes
                 if got == msg.checksum:
                     self.verified[f:f + k] = b"\x01" * k
                     self._advance()
-                    ch.send(proto.Ack(self.rid, self.upto))
+                    self.unacked += 1
+                    if self.unacked >= self.ack_every:
+                        self._ack(ch)
                 else:
                     self.checksum_failures += 1
                     log.warning("request %s: checksum mismatch on blocks %d..%d, asking again",
@@ -170,6 +182,8 @@ class _Fetch:
                     if self.checksum_failures > self.cfg.max_checksum_failures:
                         raise _Fatal(Outcome.CORRUPT, f"{self.checksum_failures} checksum "
                                      "failures; prefill's data keeps arriving corrupt")
+                    if self.unacked:
+                        self._ack(ch)     # answers stay in frame order
                     ch.send(proto.Nack(self.rid, f, k))
             elif isinstance(msg, proto.Progress):
                 log.debug("request %s: prefill progress %d/%d tokens", self.rid,

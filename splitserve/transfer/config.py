@@ -28,7 +28,7 @@ class TransferConfig:
     frame_bytes: int = 8 << 20         # max BLOCKS payload (always at least one block)
     chunk_bytes: int = 1 << 20         # copy/hash granularity: hash while the chunk is in cache
     socket_buffer: int = 4 << 20       # SO_SNDBUF / SO_RCVBUF (the kernel may cap it)
-    shm_ring_bytes: int = 64 << 20     # per-connection shared-memory ring (shm transport)
+    shm_ring_bytes: int = 32 << 20     # per-connection shared-memory ring (shm transport)
     max_header_bytes: int = 16 << 20
     transport: str = "auto"            # auto: shm when P and D share a host, else tcp
     secret: str | None = field(default=None, repr=False)

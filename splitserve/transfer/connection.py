@@ -14,19 +14,17 @@ from collections import deque
 
 from splitserve.transfer import protocol as proto
 from splitserve.transfer.job import Job
-from splitserve.transfer.kvmem import KVBlocks
-from splitserve.transfer.transport import Transport
+from splitserve.transfer.transport import BlockSender
 
 log = logging.getLogger(__name__)
 
 
 class Connection:
-    def __init__(self, ch: proto.Channel, transport: Transport, job: Job, blocks: KVBlocks,
+    def __init__(self, ch: proto.Channel, transport: BlockSender, job: Job,
                  blocks_per_frame: int, resume_from: int, server):
         self.ch = ch
         self.transport = transport
         self.job = job
-        self.blocks = blocks
         self.blocks_per_frame = blocks_per_frame
         self.next_send = resume_from      # first logical block not yet sent on this connection
         self.resends: deque[tuple[int, int]] = deque()
@@ -97,8 +95,7 @@ class Connection:
                 return
             if kind == "blocks":
                 _, first, ids = action
-                nbytes = self.transport.send_blocks(self.ch, job.rid, first, len(ids),
-                                                    self.blocks.views(ids))
+                nbytes = self.transport.send_blocks(self.ch, job.rid, first, ids)
                 with job.cond:
                     job.bytes_sent += nbytes
                 self.server.stats.add("bytes_sent", nbytes)
@@ -120,10 +117,12 @@ class Connection:
                     raise proto.ProtocolError(f"frame for request {msg.request_id!r} on the "
                                               f"session of {job.rid!r}")
                 if isinstance(msg, proto.Ack):
-                    if not 0 <= msg.blocks_verified_upto <= job.request.num_blocks:
-                        raise proto.ProtocolError(f"ACK up to {msg.blocks_verified_upto}")
+                    if not (0 <= msg.blocks_verified_upto <= job.request.num_blocks
+                            and msg.frames >= 0):
+                        raise proto.ProtocolError(f"ACK up to {msg.blocks_verified_upto} "
+                                                  f"for {msg.frames} frames")
                     job.renew(msg.blocks_verified_upto)
-                    self.transport.frame_answered()
+                    self.transport.frames_answered(msg.frames)
                 elif isinstance(msg, proto.Nack):
                     self._on_nack(msg)
                 elif isinstance(msg, proto.Heartbeat):
@@ -162,4 +161,4 @@ class Connection:
                 self.resends.append((f, end - f))
             job.cond.notify_all()
         job.renew()
-        self.transport.frame_answered()
+        self.transport.frames_answered(1)

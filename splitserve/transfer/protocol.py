@@ -16,6 +16,9 @@ Handshake (D connects, D speaks first):
   D -> HELLO{version, fingerprint, nonce_d, transports, host_id}
   P -> HELLO_OK{fingerprint, nonce_p, proof_p, transport, shm...} | REFUSE{code, reason}
   D -> PREFILL{..., auth=HMAC(secret, "D"|nonce_p|nonce_d)}
+Every BLOCKS frame is answered, in order, by a NACK or by being counted in an ACK; D
+batches ACKs (`ack_every`) because on loopback each tiny reply costs a cross-process
+wake-up that measured as much as copying a 5 MiB block.
 The proof D sends must cover a nonce P chose, so it rides on PREFILL (the first frame after
 P's nonce is known) rather than on HELLO; a recorded HELLO/PREFILL cannot be replayed.
 """
@@ -64,6 +67,7 @@ class HelloOk(msgspec.Struct, tag="hello_ok"):
     nonce: bytes
     proof: bytes                 # HMAC(secret, "P"|nonce_d|nonce_p), empty without a secret
     transport: str
+    ack_every: int                # D answers BLOCKS frames in batches of this many
     shm_path: str = ""
     shm_bytes: int = 0
 
@@ -88,7 +92,7 @@ class Blocks(msgspec.Struct, tag="blocks"):
     num_blocks: int
     nbytes: int
     checksum: int                # xxh3_64 of the payload bytes in logical order
-    shm_offset: int = -1         # shm transport: where the payload sits in the ring
+    shm_offsets: list[int] = []  # shm transport: each block's byte offset in the shared file
 
 
 class Progress(msgspec.Struct, tag="progress"):
@@ -106,6 +110,7 @@ class Done(msgspec.Struct, tag="done"):
 class Ack(msgspec.Struct, tag="ack"):
     request_id: str
     blocks_verified_upto: int    # every logical block < this arrived with a good checksum
+    frames: int = 1              # BLOCKS frames this ACK answers (a NACK answers one)
 
 
 class Nack(msgspec.Struct, tag="nack"):

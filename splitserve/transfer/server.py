@@ -28,7 +28,8 @@ from splitserve.transfer.connection import Connection
 from splitserve.transfer.handshake import host_id, proof, proof_ok, tune_socket
 from splitserve.transfer.job import Job
 from splitserve.transfer.kvmem import KVBlocks, describe_mismatch
-from splitserve.transfer.shm import ShmTransport
+from splitserve.transfer.shm import ShmSender
+from splitserve.transfer.shmfile import RingPool, shared_kv_file
 from splitserve.transfer.tcp import TcpTransport
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,12 @@ class KVTransferServer:
         self._lsock = socket.create_server((host, port), backlog=128)
         self.address: tuple[str, int] = self._lsock.getsockname()[:2]
         self._threads: list[threading.Thread] = []
+        self._shared_kv = shared_kv_file(kv)    # D can copy straight out of our KV
+        self._rings = RingPool(self.blocks_per_frame * self.blocks.block_nbytes,
+                               config.shm_ring_bytes)
+        # Half a ring: P can always fill one half while D empties the other, so batching
+        # ACKs never starves the shm sender of slots.
+        self.ack_every = max(1, self._rings.size // self._rings.slot_bytes // 2)
 
     def start(self) -> tuple[str, int]:
         for target, name in ((self._accept_loop, "kv-accept"), (self._reap_loop, "kv-lease")):
@@ -84,6 +91,7 @@ class KVTransferServer:
             self.release(job, "server shutting down", expired=False)
         for t in self._threads:
             t.join(timeout=5)
+        self._rings.close()
 
     def jobs(self) -> list[str]:
         with self._lock:
@@ -154,7 +162,7 @@ class KVTransferServer:
                 ch.send(proto.Refuse(r.code, r.reason))
                 return
             sock.settimeout(None)   # from here liveness is the lease, not a socket timeout
-            conn = Connection(ch, transport, job, self.blocks, self.blocks_per_frame, resume, self)
+            conn = Connection(ch, transport, job, self.blocks_per_frame, resume, self)
             with job.cond:
                 old, job.conn = job.conn, conn
                 if job.released:
@@ -191,7 +199,7 @@ class KVTransferServer:
         nonce = os.urandom(16)
         ch.send(proto.HelloOk(proto.VERSION, self.fingerprint, nonce,
                               proof(self.config.secret, b"P", hello.nonce, nonce),
-                              transport.name, getattr(transport, "path", ""),
+                              transport.name, self.ack_every, getattr(transport, "path", ""),
                               getattr(transport, "size", 0)))
         try:
             msg, _ = ch.recv()
@@ -207,18 +215,15 @@ class KVTransferServer:
         except BaseException:
             transport.close()
             raise
-        if isinstance(transport, ShmTransport):
-            transport.unlink()   # D has mapped it (it sent PREFILL after attaching)
         return transport, job, msg.resume_from_block
 
     def _choose_transport(self, hello: proto.Hello):
         cfg = self.config
         same_host = hello.host_id == self._host_id
         if "shm" in hello.transports and same_host and cfg.transport in ("auto", "shm"):
-            slot = self.blocks_per_frame * self.blocks.block_nbytes
-            return ShmTransport.create(slot, cfg.shm_ring_bytes, cfg.chunk_bytes)
+            return ShmSender(self.blocks, cfg.chunk_bytes, self._shared_kv, self._rings)
         if "tcp" in hello.transports and cfg.transport in ("auto", "tcp"):
-            return TcpTransport(cfg.chunk_bytes)
+            return TcpTransport(self.blocks, cfg.chunk_bytes)
         raise _Refused("transport", f"no common transport: decode offers {hello.transports} "
                        f"(same host: {same_host}), prefill allows {cfg.transport}")
 

@@ -1,87 +1,60 @@
-"""Shared-memory transport for P and D on one host: each side does one memcpy.
+"""Shared-memory transport for P and D on one host (files and mappings: shmfile.py).
 
-P owns a ring file in /dev/shm (mode 0600, random name) cut into slots of one maximal
-BLOCKS frame. P copies KV -> slot and sends a BLOCKS header naming the slot's offset over
-the socket; D copies slot -> reserved KV blocks. Every BLOCKS frame is answered by exactly
-one ACK or NACK, in order, so P frees slots FIFO on answers: that is the flow control.
-D maps the ring read-only and bounds-checks every offset against the ring's size, so a
-bad header can neither read outside the ring nor write outside the reservation.
-P unlinks the file as soon as D has mapped it (after PREFILL), so a crash leaks nothing.
+BLOCKS headers travel over the socket and name, per block, its byte offset in a shared
+file that D maps read-only; D copies each block into its reservation, hashing as it goes.
+The file is either
+- P's KV itself (`allocate_shared_kv`): P copies nothing, one copy in total; or
+- a staging ring: P copies KV -> ring slot first. Every BLOCKS frame is answered by a
+  NACK or counted in an ACK, in order, so P frees slots FIFO on answers: that is the
+  flow control.
+D checks every offset against the file size, so a bad header can neither make D read
+outside the file nor write outside the reservation.
 """
 
 from __future__ import annotations
 
-import mmap
-import os
-import secrets
-import tempfile
 import threading
 
 import xxhash
 
+from splitserve.transfer.kvmem import KVBlocks
 from splitserve.transfer.protocol import Blocks, Channel, ProtocolError
-from splitserve.transfer.transport import Transport, chunks
+from splitserve.transfer.shmfile import RingPool, map_readonly
+from splitserve.transfer.transport import BlockReceiver, BlockSender
 
 
-def _ring_dir() -> str:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+class ShmSender(BlockSender):
+    """P side."""
 
-
-class ShmTransport(Transport):
     name = "shm"
 
-    def __init__(self, path: str, mm: mmap.mmap, chunk_bytes: int, slot_bytes: int = 0):
-        self.path = path
-        self._mm = mm
-        self.mem = memoryview(mm)
-        self.size = len(mm)
-        self.chunk_bytes = chunk_bytes
-        self.slot_bytes = slot_bytes
-        self.nslots = self.size // slot_bytes if slot_bytes else 0
+    def __init__(self, blocks: KVBlocks, chunk_bytes: int, shared_kv: tuple[str, int] | None,
+                 pool: RingPool):
+        super().__init__(blocks, chunk_bytes)
+        self._pool = pool
+        self.ring = None if shared_kv else pool.acquire()
+        self.path, self.size = shared_kv or (self.ring.path, self.ring.size)
+        self.nslots = self.size // pool.slot_bytes
         self._cond = threading.Condition()
         self._inflight = 0
         self._next = 0
         self._aborted = False
 
-    @classmethod
-    def create(cls, slot_bytes: int, ring_bytes: int, chunk_bytes: int) -> "ShmTransport":
-        """P side. At least two slots so copying the next frame overlaps D's copy-out."""
-        nslots = max(2, ring_bytes // slot_bytes)
-        size = nslots * slot_bytes
-        path = os.path.join(_ring_dir(), f"splitserve-kv-{secrets.token_hex(8)}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-            mm = mmap.mmap(fd, size)
-        except BaseException:
-            os.unlink(path)
-            raise
-        finally:
-            os.close(fd)
-        return cls(path, mm, chunk_bytes, slot_bytes)
+    def send_blocks(self, ch: Channel, request_id: str, first_block: int,
+                    ids: list[int]) -> int:
+        bn = self.blocks.block_nbytes
+        h = xxhash.xxh3_64()
+        if self.ring is None:
+            for v in self.blocks.views(ids):
+                h.update(v)
+            offsets = [b * bn for b in ids]
+        else:
+            offsets = self._stage(ids, h)
+        nbytes = len(ids) * bn
+        ch.send(Blocks(request_id, first_block, len(ids), nbytes, h.intdigest(), offsets))
+        return nbytes
 
-    @classmethod
-    def attach(cls, path: str, size: int, chunk_bytes: int) -> "ShmTransport":
-        """D side, read-only. The size must match the file, or P lied about it."""
-        if not os.path.basename(path).startswith("splitserve-kv-"):
-            raise ProtocolError(f"refusing to map unexpected shm path {path!r}")
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if os.fstat(fd).st_size != size or size <= 0:
-                raise ProtocolError(f"shm ring {path} is not {size} bytes")
-            mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        finally:
-            os.close(fd)
-        return cls(path, mm, chunk_bytes)
-
-    def unlink(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-    def send_blocks(self, ch: Channel, request_id: str, first_block: int, num_blocks: int,
-                    src: list[memoryview]) -> int:
+    def _stage(self, ids: list[int], h) -> list[int]:
         with self._cond:
             while self._inflight >= self.nslots and not self._aborted:
                 self._cond.wait()
@@ -89,37 +62,21 @@ class ShmTransport(Transport):
                 raise ConnectionError("connection closed while waiting for a ring slot")
             slot, self._next = self._next, (self._next + 1) % self.nslots
             self._inflight += 1
-        off = pos = slot * self.slot_bytes
-        h = xxhash.xxh3_64()
-        for piece in chunks(src, self.chunk_bytes):
-            dst = self.mem[pos:pos + len(piece)]
-            dst[:] = piece
-            h.update(dst)
-            pos += len(piece)
-        nbytes = pos - off
-        if nbytes > self.slot_bytes:
-            raise ValueError(f"frame of {nbytes} bytes exceeds ring slot {self.slot_bytes}")
-        ch.send(Blocks(request_id, first_block, num_blocks, nbytes, h.intdigest(), off))
-        return nbytes
+        bn, mem, step = self.blocks.block_nbytes, self.ring.mem, self.chunk_bytes
+        base = slot * self._pool.slot_bytes
+        pos = base
+        for v in self.blocks.views(ids):
+            for off in range(0, len(v), step):
+                piece = v[off:off + step]
+                dst = mem[pos:pos + len(piece)]
+                dst[:] = piece
+                h.update(dst)
+                pos += len(piece)
+        return [base + i * bn for i in range(len(ids))]
 
-    def recv_blocks(self, ch: Channel, msg: Blocks, payload_len: int,
-                    dest: list[memoryview]) -> int:
-        if payload_len != 0:
-            raise ProtocolError(f"shm BLOCKS frame carries a {payload_len}-byte socket payload")
-        if msg.shm_offset < 0 or msg.shm_offset + msg.nbytes > self.size:
-            raise ProtocolError(f"shm offset {msg.shm_offset}+{msg.nbytes} outside ring of "
-                                f"{self.size} bytes")
-        h = xxhash.xxh3_64()
-        pos = msg.shm_offset
-        for piece in chunks(dest, self.chunk_bytes):
-            piece[:] = self.mem[pos:pos + len(piece)]
-            h.update(piece)
-            pos += len(piece)
-        return h.intdigest()
-
-    def frame_answered(self) -> None:
+    def frames_answered(self, count: int) -> None:
         with self._cond:
-            self._inflight = max(0, self._inflight - 1)
+            self._inflight = max(0, self._inflight - count)
             self._cond.notify_all()
 
     def abort(self) -> None:
@@ -129,7 +86,36 @@ class ShmTransport(Transport):
 
     def close(self) -> None:
         self.abort()
-        self.mem.release()
-        self._mm.close()
-        if self.slot_bytes:
-            self.unlink()
+        if self.ring is not None:
+            # NOTE: a D may still map this ring; reuse is safe because each D reads only
+            # the slots its own connection's headers name, and verifies what it copied.
+            self._pool.give_back(self.ring)
+
+
+class ShmReceiver(BlockReceiver):
+    """D side."""
+
+    name = "shm"
+
+    def __init__(self, blocks: KVBlocks, chunk_bytes: int, path: str, size: int):
+        super().__init__(blocks, chunk_bytes)
+        self.mem = map_readonly(path, size)
+        self.size = size
+
+    def recv_blocks(self, ch: Channel, msg: Blocks, payload_len: int, ids: list[int]) -> int:
+        bn, step = self.blocks.block_nbytes, self.chunk_bytes
+        if payload_len != 0 or len(msg.shm_offsets) != len(ids):
+            raise ProtocolError(f"shm BLOCKS frame with a {payload_len}-byte socket payload "
+                                f"and {len(msg.shm_offsets)} offsets for {len(ids)} blocks")
+        for off in msg.shm_offsets:
+            if not 0 <= off <= self.size - bn:
+                raise ProtocolError(f"shm offset {off} (+{bn}) outside file of {self.size} bytes")
+        h = xxhash.xxh3_64()
+        kv = self.blocks.mem
+        for off, b in zip(msg.shm_offsets, ids):
+            for k in range(0, bn, step):
+                n = min(step, bn - k)
+                dst = kv[b * bn + k:b * bn + k + n]
+                dst[:] = self.mem[off + k:off + k + n]
+                h.update(dst)
+        return h.intdigest()

@@ -10,34 +10,29 @@ from __future__ import annotations
 import xxhash
 
 from splitserve.transfer.protocol import Blocks, Channel, ProtocolError
-from splitserve.transfer.transport import Transport, chunks
+from splitserve.transfer.transport import BlockReceiver, BlockSender, chunks
 
 
-class TcpTransport(Transport):
+class TcpTransport(BlockSender, BlockReceiver):
     name = "tcp"
 
-    def __init__(self, chunk_bytes: int):
-        self.chunk_bytes = chunk_bytes
-
-    def send_blocks(self, ch: Channel, request_id: str, first_block: int, num_blocks: int,
-                    src: list[memoryview]) -> int:
+    def send_blocks(self, ch: Channel, request_id: str, first_block: int,
+                    ids: list[int]) -> int:
+        src = self.blocks.views(ids)
         h = xxhash.xxh3_64()
-        nbytes = 0
         for v in src:
             h.update(v)
-            nbytes += len(v)
-        msg = Blocks(request_id, first_block, num_blocks, nbytes, h.intdigest())
-        ch.send_with_payload(msg, src, nbytes)
+        nbytes = len(ids) * self.blocks.block_nbytes
+        ch.send_with_payload(Blocks(request_id, first_block, len(ids), nbytes, h.intdigest()),
+                             src, nbytes)
         return nbytes
 
-    def recv_blocks(self, ch: Channel, msg: Blocks, payload_len: int,
-                    dest: list[memoryview]) -> int:
+    def recv_blocks(self, ch: Channel, msg: Blocks, payload_len: int, ids: list[int]) -> int:
         if payload_len != msg.nbytes:
             raise ProtocolError(f"BLOCKS announces {msg.nbytes} bytes but frame carries "
                                 f"{payload_len}")
         h = xxhash.xxh3_64()
-        for piece in chunks(dest, self.chunk_bytes):
+        for piece in chunks(self.blocks.views(ids), self.chunk_bytes):
             ch.recv_into(piece)
             h.update(piece)
         return h.intdigest()
-
