@@ -6,8 +6,10 @@
     server.close()            # releases every pinned request
 
 Threads: one acceptor, one lease reaper, per connection one sender + one reader, per
-request one prefill thread (Job). Blocking sockets in threads: the payload path is a
-sendmsg from KV memory, which needs no event loop and measured faster than asyncio.
+request one prefill thread (Job). Blocking sockets in threads: the payload path is one
+sendmsg from KV memory (recv_into on D), both GIL-free syscalls, so an event loop would
+add only scheduling overhead; tcp reaches ~0.9x a plain socket blast this way (an asyncio
+variant was not built for comparison).
 """
 
 from __future__ import annotations
