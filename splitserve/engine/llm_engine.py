@@ -13,7 +13,7 @@ from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.scheduler import Scheduler
-from splitserve.engine.types import EngineStats, FinishReason, RequestOutput, SamplingParams
+from splitserve.engine.types import EngineStats, FinishReason, KVProgress, RequestOutput, SamplingParams
 from splitserve.model.config import ModelArchConfig
 from splitserve.model.loader import load_model
 from splitserve.model.registry import DEFAULT_MODEL_NAME, resolve_model
@@ -27,6 +27,10 @@ class RequestError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class CapacityError(RuntimeError):
+    """The KV pool cannot hold a reservation right now (admission control on decode)."""
 
 
 class LLMEngine:
@@ -52,8 +56,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.layout, num_blocks, config.device, config.seed)
         self.eos_token_ids = self.arch.eos_token_ids
-        self._requests: dict[str, Request] = {}
-        self._aborted: list[RequestOutput] = []
+        self._requests: dict[str, Request] = {}   # live: reserved, waiting, running or held
+        self._pending: list[RequestOutput] = []   # produced outside step(), returned by the next one
         self._arrivals = 0
         logger.info("engine ready in %.1fs: model=%s dtype=%s max_model_len=%d kv_blocks=%d x %d tokens (%.1f MiB)",
                     time.monotonic() - t0, self.model_dir, dtype, self.max_model_len, num_blocks,
@@ -69,7 +73,14 @@ class LLMEngine:
                 f"max_position_embeddings={arch.max_position_embeddings}")
         return config.max_model_len
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    hold: bool = False) -> None:
+        """hold=True: a peer will read this request's KV (prefill role). Its outputs carry
+        kv_progress, and its blocks stay pinned after it finishes until release()."""
+        self.scheduler.add(self._new_request(request_id, prompt_token_ids, params, hold))
+
+    def _new_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     hold: bool = False) -> Request:
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         if not prompt_token_ids:
@@ -84,24 +95,86 @@ class LLMEngine:
                 f"requested {total} tokens ({len(prompt_token_ids)} in the messages, "
                 f"{params.max_tokens} in the completion). Please reduce the length of the "
                 f"messages or completion.", "messages")
-        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, self._arrivals)
+        req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, self._arrivals, hold)
         self._arrivals += 1
         self._requests[request_id] = req
-        self.scheduler.add(req)
+        return req
+
+    # --- decode side of a disaggregated request -----------------------------------------
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """Validate the request and reserve blocks for its whole prompt, for a peer to
+        fill; returns the block ids (logical block i -> ids[i]). The engine neither
+        schedules nor touches these blocks until commit_reserved()."""
+        req = self._new_request(request_id, prompt_token_ids, params)
+        if not self.kv_manager.allocate(req, req.num_prompt_tokens):
+            del self._requests[request_id]
+            need = -(-req.num_prompt_tokens // self.kv_manager.block_size)
+            raise CapacityError(
+                f"cannot reserve {need} KV blocks for request {request_id} "
+                f"({self.kv_manager.pool.num_free_blocks} of {self.kv_manager.num_blocks} free)")
+        req.status = RequestStatus.RESERVED
+        return list(self.kv_manager.block_table(request_id))
+
+    def commit_reserved(self, request_id: str, num_computed_tokens: int, first_token: int | None) -> None:
+        """The peer's KV for prompt tokens [0, num_computed_tokens) is in the reserved
+        blocks (verified). With first_token the prefill is complete and decoding starts;
+        without it (fallback) the engine computes the rest of the prompt itself."""
+        req = self._requests.get(request_id)
+        if req is None or req.status is not RequestStatus.RESERVED:
+            raise RequestError(f"request {request_id!r} has no reservation", "request_id")
+        if first_token is not None:
+            if num_computed_tokens != req.num_prompt_tokens:
+                raise RequestError(f"a first token needs the whole prompt's KV "
+                                   f"({num_computed_tokens} of {req.num_prompt_tokens} tokens)")
+            if not 0 <= first_token < self.arch.vocab_size:
+                raise RequestError(f"first token {first_token} is outside the vocabulary")
+        # NOTE: without a first token at least one prompt token is recomputed: its logits
+        # produce the first generated token.
+        n = min(num_computed_tokens, req.num_prompt_tokens - (first_token is None))
+        req.num_computed_tokens = req.num_transferred_tokens = max(n, 0)
+        self.kv_manager.cache_computed_blocks(req)
+        req.status = RequestStatus.WAITING
+        if first_token is not None:
+            req.append_output(first_token)
+            if req.check_finished(self.max_model_len):
+                self._finish(req)
+            self._pending.append(self._output(req, [first_token]))
+        if req.status is not RequestStatus.FINISHED:
+            self.scheduler.add(req)
+
+    # --- prefill side ------------------------------------------------------------------
+    def release(self, request_id: str) -> None:
+        """A peer is done with a held request's KV (or gave up): unpin its blocks, which
+        stay in the prefix cache; abort it first if it is still computing."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return
+        if req.status is RequestStatus.FINISHED:
+            del self._requests[request_id]
+            self.kv_manager.free(req)
+        else:
+            self.abort_request(request_id)
 
     def abort_request(self, request_id: str) -> None:
         req = self._requests.pop(request_id, None)
         if req is None:
             return
-        self.scheduler.finish(req)
+        if req.status is RequestStatus.FINISHED:        # held, already reported finished
+            self.kv_manager.free(req)
+            return
+        if req.status is RequestStatus.RESERVED:
+            req.status = RequestStatus.FINISHED
+            self.kv_manager.free(req)
+        else:
+            self.scheduler.finish(req)
         req.finish_reason = FinishReason.ABORT
-        self._aborted.append(self._output(req, []))
+        self._pending.append(self._output(req, []))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._aborted)
+        return bool(self._pending) or any(r.status is not RequestStatus.FINISHED for r in self._requests.values())
 
     def step(self) -> list[RequestOutput]:
-        outputs, self._aborted = self._aborted, []
+        outputs, self._pending = self._pending, []
         sched = self.scheduler.schedule()
         if sched.empty:
             return outputs
@@ -112,20 +185,37 @@ class LLMEngine:
             self.kv_manager.cache_computed_blocks(req)
             token = sampled.get(req.request_id)
             if token is None:
+                if req.hold:
+                    outputs.append(self._output(req, []))   # progress for the peer
                 continue
             req.append_output(token)
             if req.check_finished(self.max_model_len):
-                self.scheduler.finish(req)
-                del self._requests[req.request_id]
+                self._finish(req)
             outputs.append(self._output(req, [token]))
         return outputs
 
-    @staticmethod
-    def _output(req: Request, new_tokens: list[int]) -> RequestOutput:
+    def _finish(self, req: Request) -> None:
+        if req.hold:
+            self.scheduler.finish(req, free_blocks=False)   # stays in _requests until release()
+        else:
+            self.scheduler.finish(req)
+            del self._requests[req.request_id]
+
+    def _output(self, req: Request, new_tokens: list[int]) -> RequestOutput:
+        progress = None
+        if req.hold:
+            # A finished prefill's prompt blocks are all final (the sampled token's KV is
+            # never computed here); before that, only completely computed blocks are.
+            done = req.num_prompt_tokens if req.status is RequestStatus.FINISHED else req.num_computed_tokens
+            bs = self.kv_manager.block_size
+            ready = -(-done // bs) if done >= req.num_prompt_tokens else done // bs
+            progress = KVProgress(min(done, req.num_prompt_tokens), ready,
+                                  list(self.kv_manager.block_table(req.request_id)))
         return RequestOutput(
             request_id=req.request_id, new_token_ids=new_tokens,
             finished=req.status is RequestStatus.FINISHED, finish_reason=req.finish_reason,
-            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens)
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
+            num_transferred_tokens=req.num_transferred_tokens, kv_progress=progress)
 
     def stats(self) -> EngineStats:
         kv = self.kv_manager
@@ -135,7 +225,9 @@ class LLMEngine:
             kv_blocks_in_use=kv.num_used_blocks, kv_blocks_total=kv.num_blocks,
             prefix_cache_queries_tokens=kv.prefix_queries_tokens,
             prefix_cache_hits_tokens=kv.prefix_hits_tokens,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions,
+            num_reserved_requests=sum(r.status is RequestStatus.RESERVED for r in self._requests.values()),
+            num_held_requests=sum(r.hold and r.status is RequestStatus.FINISHED for r in self._requests.values()))
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         """Convenience for tests and benchmarks: run prompts to completion, return outputs."""
@@ -143,7 +235,8 @@ class LLMEngine:
         for rid, p in zip(ids, prompts):
             self.add_request(rid, p, params)
         result: dict[str, list[int]] = {rid: [] for rid in ids}
-        while any(rid in self._requests for rid in ids):
+        while any(rid in self._requests and self._requests[rid].status is not RequestStatus.FINISHED
+                  for rid in ids):
             for out in self.step():
                 if out.request_id in result:
                     result[out.request_id].extend(out.new_token_ids)

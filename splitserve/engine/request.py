@@ -12,6 +12,7 @@ from splitserve.engine.types import FinishReason, SamplingParams
 
 
 class RequestStatus(enum.Enum):
+    RESERVED = "reserved"    # blocks held for KV another worker is sending; not scheduled
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -19,7 +20,7 @@ class RequestStatus(enum.Enum):
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: tuple[int, ...], arrival: int):
+                 eos_token_ids: tuple[int, ...], arrival: int, hold: bool = False):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -30,6 +31,10 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0      # prompt tokens served from the prefix cache (first schedule)
+        self.num_transferred_tokens = 0  # prompt tokens whose KV arrived from another worker
+        # A held request keeps its blocks after it finishes, until released: a peer is
+        # still reading them (prefill role).
+        self.hold = hold
         self.finish_reason: FinishReason | None = None
         # Chained hashes of this request's full blocks, extended lazily; token ids of a full
         # block never change, so a computed hash stays valid for the request's lifetime.

@@ -5,7 +5,8 @@ may advance this step. Running requests go first (decodes and unfinished chunked
 prefills); waiting requests are admitted while budget, seats and blocks allow. When a
 running request cannot get a block, the most recently admitted running request is
 preempted (its blocks freed, its tokens recomputed later — cheaply, through the prefix
-cache where its blocks survive).
+cache where its blocks survive). Requests a peer reads KV from (`hold`) are never
+preempted: freeing their blocks mid-read would hand the peer someone else's bytes.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate(req, num_new):
-                victim = self.running.pop()
+                victim = self._victim(i)
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim.request_id)
                 if victim is req:
@@ -86,21 +88,37 @@ class Scheduler:
         while self.waiting and budget > 0 and not out.preempted \
                 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            cached = self.kv.find_cached_prefix(req)
-            num_cached_tokens = len(cached) * self.kv.block_size
-            num_new = min(req.num_tokens - num_cached_tokens, budget)
-            if not self.kv.allocate(req, num_new, cached):
+            # A request committed after a KV transfer arrives with blocks and a computed
+            # prefix of its own; everything else starts from the prefix cache.
+            prefilled = bool(self.kv.block_table(req.request_id))
+            cached = [] if prefilled else self.kv.find_cached_prefix(req)
+            start = req.num_computed_tokens if prefilled else len(cached) * self.kv.block_size
+            num_new = min(req.num_tokens - start, budget)
+            # A held request (a peer reads its KV) gets its whole prompt's blocks up front:
+            # it then never needs a block mid-prefill and is never a preemption victim.
+            num_alloc = req.num_tokens - start if req.hold else num_new
+            if not self.kv.allocate(req, num_alloc, cached):
                 break
             self.waiting.popleft()
-            self.kv.record_prefix_lookup(req.num_tokens, num_cached_tokens)
-            if req.num_output_tokens == 0:
-                req.num_cached_tokens = num_cached_tokens
-            req.num_computed_tokens = num_cached_tokens
+            if not prefilled:
+                self.kv.record_prefix_lookup(req.num_tokens, start)
+                if req.num_output_tokens == 0:
+                    req.num_cached_tokens = start
+                req.num_computed_tokens = start
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new, self.kv.block_table(req.request_id)))
             budget -= num_new
         return out
+
+    def _victim(self, first: int) -> Request:
+        """The most recently admitted running request, not yet scheduled this step (index
+        >= first), that no peer is reading from. NOTE: held requests hold every block they
+        need, so running[first] (the one asking) is not held and always qualifies."""
+        for req in reversed(self.running[first:]):
+            if not req.hold:
+                return req
+        raise AssertionError("a held request asked for a block")
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -110,11 +128,13 @@ class Scheduler:
         self.num_preemptions += 1
         logger.info("request %s preempted (recompute %d tokens later)", req.request_id, req.num_tokens)
 
-    def finish(self, req: Request) -> None:
-        """Remove a request from whichever queue holds it and release its blocks."""
+    def finish(self, req: Request, free_blocks: bool = True) -> None:
+        """Remove a request from whichever queue holds it; release its blocks unless a
+        peer still reads them (the caller frees them later with kv.free)."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
-        self.kv.free(req)
+        if free_blocks:
+            self.kv.free(req)

@@ -48,6 +48,17 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass
+class KVProgress:
+    """For a request whose KV another worker will read (a held prefill): how far its
+    prompt's KV is final, and where it lives. Blocks [0, num_ready_blocks) of block_ids
+    will not be written again while the request is held."""
+
+    num_computed_tokens: int
+    num_ready_blocks: int
+    block_ids: list[int]
+
+
+@dataclass
 class RequestOutput:
     """What one engine step produced for one request."""
 
@@ -56,7 +67,9 @@ class RequestOutput:
     finished: bool = False
     finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0          # prompt tokens reused from this engine's prefix cache
+    num_transferred_tokens: int = 0     # prompt tokens whose KV another worker computed
+    kv_progress: KVProgress | None = None
 
 
 @dataclass
@@ -68,4 +81,6 @@ class EngineStats:
     prefix_cache_queries_tokens: int = 0
     prefix_cache_hits_tokens: int = 0
     num_preemptions: int = 0
+    num_reserved_requests: int = 0
+    num_held_requests: int = 0
     extra: dict = field(default_factory=dict)
