@@ -11,8 +11,11 @@ import msgspec
 
 from splitserve.engine.types import SamplingParams
 
-# prefill and decode roles arrive with disaggregation; only the aggregated role exists now.
-ROLES = ("both",)
+# prefill: computes prompts and serves their KV on its KV port; decode: takes requests
+# from the frontend, fetches the prompt's KV from the named prefill worker, decodes;
+# both: aggregated, one engine does everything.
+ROLES = ("prefill", "decode", "both")
+FALLBACKS = ("local", "fail")
 
 
 class Sampling(msgspec.Struct, forbid_unknown_fields=True):
@@ -33,10 +36,23 @@ class Sampling(msgspec.Struct, forbid_unknown_fields=True):
             ignore_eos=self.ignore_eos)
 
 
+class PrefillTarget(msgspec.Struct, forbid_unknown_fields=True):
+    """The prefill worker a decode worker fetches the prompt's KV from."""
+
+    worker_id: str
+    kv_host: str
+    kv_port: int
+
+
 class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """prefill=None: compute the prompt here (aggregated). Otherwise the receiving worker
+    (role decode) reserves blocks, fetches the prompt's KV from that prefill worker, and
+    decodes; the HTTP status is only sent once the KV is in place (or fell back)."""
+
     request_id: str
     prompt_token_ids: list[int]
     sampling: Sampling
+    prefill: PrefillTarget | None = None
 
 
 class GenerateChunk(msgspec.Struct, omit_defaults=True):
@@ -47,18 +63,24 @@ class GenerateChunk(msgspec.Struct, omit_defaults=True):
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    num_transferred_tokens: int = 0     # prompt tokens whose KV came from a prefill worker
     error: str | None = None
 
 
-class WorkerError(msgspec.Struct):
-    """Body of a non-200 reply: what went wrong and which request field caused it."""
+class WorkerError(msgspec.Struct, omit_defaults=True):
+    """Body of a non-200 reply: what went wrong and which request field caused it.
+    400: the request is invalid. 503 (code 'capacity'): this decode worker cannot hold the
+    prompt now — try another. 502 (code 'kv_transfer'): the KV transfer failed and the
+    fallback policy is 'fail'."""
 
     message: str
     param: str | None = None
+    code: str | None = None
 
 
-class WorkerInfo(msgspec.Struct):
-    """What a frontend needs to serve a worker's model (GET /info)."""
+class WorkerInfo(msgspec.Struct, omit_defaults=True):
+    """What a frontend needs to serve a worker's model and route to it (GET /info).
+    kv_host/kv_port: where a prefill worker serves KV (None for other roles)."""
 
     role: str
     model_name: str
@@ -66,6 +88,9 @@ class WorkerInfo(msgspec.Struct):
     max_model_len: int
     block_size: int
     eos_token_ids: list[int]
+    worker_id: str = ""
+    kv_host: str | None = None
+    kv_port: int | None = None
 
 
 class WorkerHealth(msgspec.Struct, omit_defaults=True):
