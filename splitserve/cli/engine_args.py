@@ -7,6 +7,9 @@ import argparse
 from dataclasses import fields
 
 from splitserve.config import DTYPES, ConfigError, EngineConfig, defaults, parse_size
+from splitserve.transfer.config import TRANSPORTS, TransferConfig
+from splitserve.worker.config import SECRET_ENV, WorkerConfig, secret_from_env
+from splitserve.worker.protocol import FALLBACKS
 
 _HELP = {
     "model": "Hugging Face checkpoint directory (default: the embedded SmolLM2-135M-Instruct)",
@@ -65,3 +68,51 @@ def engine_argv(config: EngineConfig) -> list[str]:
         else:
             argv += [_flag(f.name), str(value)]
     return argv
+
+
+_TRANSFER_DEFAULTS = TransferConfig()
+_WORKER_DEFAULTS = WorkerConfig()
+
+
+def add_transfer_args(parser: argparse.ArgumentParser) -> None:
+    """KV-transfer flags shared by `worker` and `serve`; defaults from TransferConfig and
+    WorkerConfig."""
+    g = parser.add_argument_group("kv transfer (disaggregated prefill/decode)")
+    g.add_argument("--kv-transport", choices=TRANSPORTS, default=_TRANSFER_DEFAULTS.transport,
+                   help="auto: shared memory when prefill and decode share a host, else tcp "
+                        "(default: %(default)s)")
+    g.add_argument("--kv-stall-timeout", type=float, default=_TRANSFER_DEFAULTS.stall_timeout,
+                   help="seconds without KV bytes or PROGRESS before a prefill worker is "
+                        "declared dead (default: %(default)s)")
+    g.add_argument("--kv-lease", type=float, default=_TRANSFER_DEFAULTS.lease,
+                   help="seconds a prefill worker keeps a request's KV pinned without an ack "
+                        "or heartbeat from the decode worker (default: %(default)s)")
+    g.add_argument("--kv-fallback", choices=FALLBACKS, default=_WORKER_DEFAULTS.kv_fallback,
+                   help="on an unrecoverable transfer: compute the rest locally, reusing "
+                        "verified blocks, or fail the request (default: %(default)s)")
+    g.add_argument("--kv-secret", default=None,
+                   help=f"shared secret authenticating KV sessions (default: ${SECRET_ENV})")
+    g.add_argument("--advertise-host", default=None,
+                   help="address peers use to reach this worker (default: --host)")
+
+
+def transfer_argv(args: argparse.Namespace) -> list[str]:
+    """Flags that reproduce the transfer options in `args` for a child worker. The
+    secret travels in the child's environment, never on its command line."""
+    argv = ["--kv-transport", args.kv_transport, "--kv-stall-timeout", str(args.kv_stall_timeout),
+            "--kv-lease", str(args.kv_lease), "--kv-fallback", args.kv_fallback]
+    if args.advertise_host:
+        argv += ["--advertise-host", args.advertise_host]
+    return argv
+
+
+def worker_config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> WorkerConfig:
+    try:
+        transfer = TransferConfig(
+            stall_timeout=args.kv_stall_timeout, lease=args.kv_lease,
+            heartbeat_interval=min(_TRANSFER_DEFAULTS.heartbeat_interval, args.kv_lease / 3),
+            transport=args.kv_transport, secret=secret_from_env(args.kv_secret))
+        return WorkerConfig(role=args.role, host=args.host, advertise_host=args.advertise_host,
+                            kv_port=args.kv_port, kv_fallback=args.kv_fallback, transfer=transfer)
+    except ConfigError as e:
+        parser.error(str(e))
