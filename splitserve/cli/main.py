@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from splitserve.bench import BENCHES
-from splitserve.cli.engine_args import add_engine_arguments
+from splitserve.cli.engine_args import add_engine_arguments, add_transfer_args
 from splitserve.cli.logs import LEVELS
 from splitserve.worker.protocol import ROLES
 
@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--role", choices=ROLES, default="both",
                         help="what this worker does (default: %(default)s)")
     worker.add_argument("--port-file", help="write the bound port here once listening")
+    worker.add_argument("--kv-port", type=int, default=0,
+                        help="prefill role: the port KV is served on; 0 picks a free one "
+                             "(default: %(default)s)")
     add_engine_arguments(worker)
+    add_transfer_args(worker)
     _common(worker)
     worker.set_defaults(module="splitserve.cli.worker_cmd", parser=worker)
 
