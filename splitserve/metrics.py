@@ -33,6 +33,16 @@ PREFIX_CACHE_QUERIES_TOTAL = "splitserve_prefix_cache_queries_total"
 PREFIX_CACHE_HITS_TOTAL = "splitserve_prefix_cache_hits_total"
 NUM_PREEMPTIONS_TOTAL = "splitserve_num_preemptions_total"
 
+# --- KV transfer (worker; D counts fetches, P counts what it sent and leases) ------------
+KV_TRANSFERS_TOTAL = "splitserve_kv_transfers_total"
+KV_TRANSFER_BYTES_TOTAL = "splitserve_kv_transfer_bytes_total"
+KV_TRANSFER_SECONDS = "splitserve_kv_transfer_seconds"
+KV_TRANSFER_RESUMES_TOTAL = "splitserve_kv_transfer_resumes_total"
+KV_TRANSFER_CHECKSUM_FAILURES_TOTAL = "splitserve_kv_transfer_checksum_failures_total"
+KV_TRANSFER_FALLBACKS_TOTAL = "splitserve_kv_transfer_fallbacks_total"
+KV_LEASE_EXPIRED_TOTAL = "splitserve_kv_lease_expired_total"
+KV_BLOCKS_PINNED = "splitserve_kv_blocks_pinned"
+
 # Latency buckets span a fast CPU decode step (ms) to a long-context prefill (minutes).
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -93,7 +103,58 @@ class EngineStatsCollector(Collector):
                                   value=s.num_preemptions)
 
 
+class TransferStatsCollector(Collector):
+    """Exports the KV data plane's counters (splitserve.transfer.config.TransferStats),
+    which the transfer threads keep; read at scrape time like the engine's."""
+
+    def __init__(self, stats):
+        self._stats = stats
+
+    def collect(self) -> Iterable:
+        s = self._stats.snapshot()
+        transfers = CounterMetricFamily(KV_TRANSFERS_TOTAL, "KV fetches by outcome (decode side)",
+                                        labels=["outcome"])
+        for outcome, n in sorted(s["transfers"].items()):
+            transfers.add_metric([outcome], n)
+        yield transfers
+        fallbacks = CounterMetricFamily(
+            KV_TRANSFER_FALLBACKS_TOTAL, "KV fetches that ended in the fallback policy, by reason",
+            labels=["reason"])
+        for reason, n in sorted(s["fallbacks"].items()):
+            fallbacks.add_metric([reason], n)
+        yield fallbacks
+        moved = CounterMetricFamily(KV_TRANSFER_BYTES_TOTAL,
+                                    "KV payload bytes received (decode) or sent (prefill)",
+                                    labels=["direction"])
+        moved.add_metric(["received"], s["bytes_received"])
+        moved.add_metric(["sent"], s["bytes_sent"])
+        yield moved
+        yield CounterMetricFamily(KV_TRANSFER_RESUMES_TOTAL,
+                                  "KV sessions re-established mid-transfer (resume, no recompute)",
+                                  value=s["resumes"])
+        yield CounterMetricFamily(KV_TRANSFER_CHECKSUM_FAILURES_TOTAL,
+                                  "KV frames whose xxh3 checksum failed (range re-sent)",
+                                  value=s["checksum_failures"])
+        yield CounterMetricFamily(KV_LEASE_EXPIRED_TOTAL,
+                                  "Pinned KV released because the decode worker went silent",
+                                  value=s["lease_expired"])
+        yield GaugeMetricFamily(KV_BLOCKS_PINNED, "KV blocks pinned for decode workers (prefill side)",
+                                value=s["blocks_pinned"])
+
+
+class WorkerMetrics:
+    """A worker's registry: engine and transfer numbers read at scrape time, plus the
+    transfer-duration histogram observed as fetches end."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None], transfer_stats=None):
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineStatsCollector(stats))
+        if transfer_stats is not None:
+            self.registry.register(TransferStatsCollector(transfer_stats))
+        self.kv_transfer_seconds = Histogram(
+            KV_TRANSFER_SECONDS, "Duration of KV fetches, any outcome (decode side)",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+
 def worker_registry(stats: Callable[[], EngineStats | None]) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    registry.register(EngineStatsCollector(stats))
-    return registry
+    return WorkerMetrics(stats).registry

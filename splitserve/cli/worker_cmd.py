@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 
-from splitserve.cli.engine_args import engine_config_from_args
+from splitserve.cli.engine_args import engine_config_from_args, worker_config_from_args
 from splitserve.cli.http_server import HttpServer
 from splitserve.cli.logs import configure_logging
 
@@ -19,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = engine_config_from_args(parser, args)
+    worker_config = worker_config_from_args(parser, args)
     configure_logging("worker", args.log_level)
     # Heavy imports (torch, the model code) after argument errors had their chance.
     from splitserve.engine.llm_engine import LLMEngine
@@ -33,8 +36,16 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         logger.error("worker stopping: %s", reason)
         server.request_exit()
 
-    engine = AsyncEngine(lambda: LLMEngine(config), on_fatal)
-    server = HttpServer(create_app(engine, args.role), args.host, args.port)
+    # A prefill worker's KV lives in shared memory when same-host decode workers may map
+    # it (the one-copy shm transport); anywhere else ordinary memory is as good.
+    kv_allocator = None
+    if worker_config.role == "prefill" and worker_config.transfer.transport != "tcp" \
+            and config.device == "cpu":
+        from splitserve.transfer.shmfile import allocate_shared_kv as kv_allocator
+
+    worker_id = getattr(args, "worker_id", None) or f"{worker_config.role}-{socket.gethostname()}-{os.getpid()}"
+    engine = AsyncEngine(lambda: LLMEngine(config, kv_allocator=kv_allocator), on_fatal)
+    server = HttpServer(create_app(engine, worker_config, worker_id), args.host, args.port)
     logger.info("worker (role %s) listening on http://%s:%d; loading the model", args.role,
                 server.host, server.port)
     server.run(args.port_file)

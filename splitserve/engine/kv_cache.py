@@ -46,12 +46,6 @@ class KVLayout:
             n *= d
         return n * torch_dtype(self.dtype).itemsize
 
-    def describe(self) -> dict:
-        """Part of the model/layout fingerprint peers compare before exchanging KV."""
-        return {"kv_layout": "blocks,layers,kv,block_size,kv_heads,head_dim",
-                "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
-                "head_dim": self.head_dim, "block_size": self.block_size, "kv_dtype": self.dtype}
-
     def num_blocks_for(self, kv_cache_memory: int | None, max_model_len: int) -> int:
         if kv_cache_memory is None:
             per_seq = -(-max_model_len // self.block_size) * self.block_nbytes
@@ -60,5 +54,10 @@ class KVLayout:
             kv_cache_memory = max(kv_cache_memory, per_seq)
         return max(kv_cache_memory // self.block_nbytes, 1)
 
-    def allocate(self, num_blocks: int, device: str) -> torch.Tensor:
-        return torch.zeros((num_blocks, *self.block_shape), dtype=torch_dtype(self.dtype), device=device)
+    def allocate(self, num_blocks: int, device: str, allocator=None) -> torch.Tensor:
+        """allocator(shape, dtype) -> tensor lets a worker place the KV in memory a peer
+        process can map (shared-memory KV transfer); default: ordinary device memory."""
+        shape = (num_blocks, *self.block_shape)
+        if allocator is not None:
+            return allocator(shape, torch_dtype(self.dtype))
+        return torch.zeros(shape, dtype=torch_dtype(self.dtype), device=device)

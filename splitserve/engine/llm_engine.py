@@ -34,7 +34,8 @@ class CapacityError(RuntimeError):
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, kv_allocator=None):
+        """kv_allocator(shape, dtype) -> tensor: see KVLayout.allocate."""
         self.config = config
         t0 = time.monotonic()
         self.model_dir: Path = Path(resolve_model(config.model))
@@ -54,7 +55,7 @@ class LLMEngine:
                 f"{self.layout.block_nbytes} bytes) or lower --max-model-len")
         self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.layout, num_blocks, config.device, config.seed)
+        self.runner = ModelRunner(model, self.layout, num_blocks, config.device, config.seed, kv_allocator)
         self.eos_token_ids = self.arch.eos_token_ids
         self._requests: dict[str, Request] = {}   # live: reserved, waiting, running or held
         self._pending: list[RequestOutput] = []   # produced outside step(), returned by the next one
@@ -216,6 +217,17 @@ class LLMEngine:
             finished=req.status is RequestStatus.FINISHED, finish_reason=req.finish_reason,
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
             num_transferred_tokens=req.num_transferred_tokens, kv_progress=progress)
+
+    def fingerprint(self) -> dict[str, str]:
+        """What a KV peer must share with this engine for its bytes to mean the same thing:
+        the model (architecture, shapes, a hash of config.json) and the KV layout."""
+        import hashlib
+
+        from splitserve.transfer.kvmem import kv_fingerprint
+
+        config_hash = hashlib.sha256((self.model_dir / "config.json").read_bytes()).hexdigest()[:16]
+        return kv_fingerprint(self.runner.kv, **self.arch.fingerprint(), config_sha256=config_hash,
+                              tensor_parallel=1)
 
     def stats(self) -> EngineStats:
         kv = self.kv_manager

@@ -12,11 +12,12 @@ from splitserve.engine.scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, model, layout: KVLayout, num_blocks: int, device: str, seed: int = 0):
+    def __init__(self, model, layout: KVLayout, num_blocks: int, device: str, seed: int = 0,
+                 kv_allocator=None):
         self.model = model
         self.layout = layout
         self.device = torch.device(device)
-        self.kv = layout.allocate(num_blocks, device)
+        self.kv = layout.allocate(num_blocks, device, kv_allocator)
         self.sampler = Sampler(seed)
 
     @torch.inference_mode()

@@ -1,9 +1,10 @@
 """The worker's internal HTTP API (frontend -> worker), over one AsyncEngine.
 
 POST /generate streams NDJSON GenerateChunk lines; a client that disconnects ends the
-stream, which aborts the request in the engine and frees its KV blocks. /live answers as
+stream, which aborts the request in the engine and frees its KV blocks. A request naming
+a prefill worker first gets its prompt's KV from there (RemotePrefill). /live answers as
 soon as the process serves HTTP; /health, /info and /generate answer 503 until the model
-has loaded.
+has loaded and, on a prefill worker, the KV port listens.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from splitserve.engine.llm_engine import RequestError
+from splitserve.engine.llm_engine import CapacityError, RequestError
 from splitserve.engine.types import RequestOutput, SamplingError
-from splitserve.metrics import worker_registry
+from splitserve.metrics import WorkerMetrics
+from splitserve.transfer.config import TransferStats
 from splitserve.worker import protocol as p
 from splitserve.worker.async_engine import AsyncEngine, EngineDeadError, EngineState
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.kv_port import KVPort
+from splitserve.worker.remote_prefill import RemotePrefill, TransferFailed
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +43,32 @@ def _not_ready(engine: AsyncEngine) -> Response:
     return _reply(503, p.WorkerHealth("failed", engine.failure))
 
 
-def create_app(engine: AsyncEngine, role: str) -> FastAPI:
-    registry = worker_registry(engine.stats)
+def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str) -> FastAPI:
+    role = config.role
+    transfer_stats = TransferStats()
+    metrics = WorkerMetrics(engine.stats, transfer_stats)
+    registry = metrics.registry
+    kv_port = KVPort(engine, config, transfer_stats) if role == "prefill" else None
+    remote = RemotePrefill(engine, config, transfer_stats, metrics.kv_transfer_seconds.observe)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         # The engine (and so the model load) starts once the server is accepting
         # connections, so /live and /health answer during a long load.
         engine.start()
+        if kv_port is not None:
+            kv_port.start_when_ready()
         yield
+        if kv_port is not None:
+            kv_port.close()
         engine.stop()
+
+    def not_serving() -> Response | None:
+        if engine.state is not EngineState.READY:
+            return _not_ready(engine)
+        if kv_port is not None and kv_port.address is None:
+            return _reply(503, p.WorkerHealth("loading", kv_port.status()))
+        return None
 
     app = FastAPI(title="splitserve worker", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -57,19 +78,19 @@ def create_app(engine: AsyncEngine, role: str) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if engine.state is not EngineState.READY:
-            return _not_ready(engine)
-        return _reply(200, p.WorkerHealth("ok"))
+        return not_serving() or _reply(200, p.WorkerHealth("ok"))
 
     @app.get("/info")
     async def info() -> Response:
-        if engine.state is not EngineState.READY:
-            return _not_ready(engine)
+        if (refusal := not_serving()) is not None:
+            return refusal
         e = engine.engine
+        kv_host, kv_port_number = kv_port.address if kv_port is not None else (None, None)
         return _reply(200, p.WorkerInfo(
             role=role, model_name=e.model_name, model_dir=str(e.model_dir),
             max_model_len=e.max_model_len, block_size=e.config.block_size,
-            eos_token_ids=list(e.eos_token_ids)))
+            eos_token_ids=list(e.eos_token_ids), worker_id=worker_id, kv_host=kv_host,
+            kv_port=kv_port_number))
 
     @app.get("/stats")
     async def stats() -> Response:
@@ -84,8 +105,12 @@ def create_app(engine: AsyncEngine, role: str) -> FastAPI:
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        if engine.state is not EngineState.READY:
-            return _not_ready(engine)
+        if (refusal := not_serving()) is not None:
+            return refusal
+        if role == "prefill":
+            return _reply(400, p.WorkerError(
+                "this is a prefill worker: it serves KV on its KV port; send generate "
+                "requests to a decode (or both) worker naming it as the prefill target"))
         try:
             req = p.decode(await request.body(), p.GenerateRequest)
             params = req.sampling.to_params()
@@ -94,12 +119,18 @@ def create_app(engine: AsyncEngine, role: str) -> FastAPI:
         except SamplingError as e:
             return _reply(400, p.WorkerError(str(e), e.param))
         try:
-            outputs = await engine.add(req.request_id, req.prompt_token_ids, params)
-        except RequestError as e:
+            if req.prefill is None:
+                outputs = await engine.add(req.request_id, req.prompt_token_ids, params)
+            else:
+                outputs = await remote.run(req.request_id, req.prompt_token_ids, params, req.prefill)
+        except (RequestError, SamplingError) as e:
             logger.info("request_id=%s refused: %s", req.request_id, e)
             return _reply(400, p.WorkerError(str(e), e.param))
-        except SamplingError as e:
-            return _reply(400, p.WorkerError(str(e), e.param))
+        except CapacityError as e:
+            logger.warning("request_id=%s refused: %s", req.request_id, e)
+            return _reply(503, p.WorkerError(str(e), code="capacity"))
+        except TransferFailed as e:
+            return _reply(502, p.WorkerError(str(e), code="kv_transfer"))
         except EngineDeadError as e:
             return _reply(503, p.WorkerHealth("failed", str(e)))
         logger.info("request_id=%s admitted: %d prompt tokens, max_tokens=%d",
@@ -120,7 +151,8 @@ async def _ndjson(request_id: str, outputs: AsyncIterator[RequestOutput]) -> Asy
                             request_id, reason, generated, out.num_cached_tokens)
             yield p.encode_line(p.GenerateChunk(
                 new_token_ids=out.new_token_ids, finish_reason=reason,
-                num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens))
+                num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
+                num_transferred_tokens=out.num_transferred_tokens))
     except EngineDeadError as e:
         logger.error("request_id=%s failed: %s", request_id, e)
         yield p.encode_line(p.GenerateChunk(error=str(e)))

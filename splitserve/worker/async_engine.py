@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from splitserve.engine.llm_engine import RequestError
-from splitserve.engine.types import EngineStats, RequestOutput, SamplingParams
+from splitserve.engine.types import EngineStats, FinishReason, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._stopping = False
         self._streams: dict[str, asyncio.Queue] = {}  # touched on the event loop thread only
+        self._sinks: dict[str, queue.SimpleQueue] = {}  # held prefills; engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -70,6 +71,13 @@ class AsyncEngine:
                   params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Admit a request; raises the engine's RequestError if it is refused. Returns the
         stream of its outputs; leaving that stream before the end aborts the request."""
+        return await self.open_stream(
+            request_id, lambda e: e.add_request(request_id, prompt_token_ids, params))
+
+    async def open_stream(self, request_id: str, start: Callable[[Any], None]) -> AsyncIterator[RequestOutput]:
+        """Register the request's output stream, then run start(engine) on the engine
+        thread (add_request, or commit_reserved after a KV transfer). Errors from start
+        propagate; leaving the returned stream before the end aborts the request."""
         if self.state is not EngineState.READY:
             raise EngineDeadError(f"engine is {self.state.value}")
         if request_id in self._streams:
@@ -77,11 +85,9 @@ class AsyncEngine:
             # already replaced the live request's queue.
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         outputs: asyncio.Queue = asyncio.Queue()
-        accepted = self._loop.create_future()
         self._streams[request_id] = outputs
-        self._send(("add", request_id, prompt_token_ids, params, accepted))
         try:
-            await accepted
+            await self.call(start)
         except BaseException:
             # Refused, or our caller was cancelled while waiting: either way nobody will
             # read this stream, and the engine must not keep the request.
@@ -89,6 +95,26 @@ class AsyncEngine:
             self.abort(request_id)
             raise
         return self._iterate(request_id, outputs)
+
+    async def call(self, fn: Callable[[Any], Any]) -> Any:
+        """Run fn(engine) on the engine thread; its result or exception comes back here.
+        Only ValueError/RuntimeError subclasses (the engine's named errors) are expected."""
+        if self.state is not EngineState.READY:
+            raise EngineDeadError(f"engine is {self.state.value}")
+        done = self._loop.create_future()
+        self._send(("call", fn, done))
+        return await done
+
+    def submit_held(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    sink: queue.SimpleQueue) -> None:
+        """From any thread: start a prefill whose KV a peer reads. Its outputs (with
+        kv_progress) go to `sink` on the engine thread, not to the event loop; a refusal
+        arrives there as the exception. Blocks stay pinned until release_held()."""
+        self._send(("held", request_id, prompt_token_ids, params, sink))
+
+    def release_held(self, request_id: str) -> None:
+        """From any thread: the peer is done with (or gave up on) a held request."""
+        self._send(("release", request_id))
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -123,14 +149,16 @@ class AsyncEngine:
         self.failure = reason
         for stream in self._streams.values():
             stream.put_nowait(EngineDeadError(reason))
+        for sink in list(self._sinks.values()):
+            sink.put(EngineDeadError(reason))
         self._on_fatal(reason)
 
     @staticmethod
-    def _settle(fut: asyncio.Future, error: BaseException | None) -> None:
+    def _settle(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
         if fut.done():  # the waiter was cancelled
             return
         if error is None:
-            fut.set_result(None)
+            fut.set_result(result)
         else:
             fut.set_exception(error)
 
@@ -156,7 +184,7 @@ class AsyncEngine:
         while not self._stopping:
             self._apply_commands(engine)
             if engine.has_unfinished_requests():
-                outputs = engine.step()
+                outputs = self._route_held(engine.step())
                 self._stats = engine.stats()
                 if outputs:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
@@ -166,6 +194,21 @@ class AsyncEngine:
                 self._wakeup.wait()
                 self._wakeup.clear()
 
+    def _route_held(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Hand held prefills' outputs to their sinks; return the rest for the loop."""
+        if not self._sinks:
+            return outputs
+        rest = []
+        for out in outputs:
+            sink = self._sinks.get(out.request_id)
+            if sink is None:
+                rest.append(out)
+                continue
+            sink.put(out)
+            if out.finished and out.finish_reason is FinishReason.ABORT:
+                del self._sinks[out.request_id]
+        return rest
+
     def _apply_commands(self, engine) -> None:
         changed = False
         while True:
@@ -174,14 +217,24 @@ class AsyncEngine:
             except queue.Empty:
                 break
             changed = True
-            if command[0] == "add":
-                _, request_id, prompt, params, accepted = command
+            kind = command[0]
+            if kind == "call":
+                _, fn, done = command
                 try:
-                    engine.add_request(request_id, prompt, params)
-                    error = None
-                except ValueError as e:  # RequestError / SamplingError: the caller's fault
-                    error = e
-                self._loop.call_soon_threadsafe(self._settle, accepted, error)
+                    result, error = fn(engine), None
+                except (ValueError, RuntimeError) as e:  # the engine's named errors
+                    result, error = None, e
+                self._loop.call_soon_threadsafe(self._settle, done, result, error)
+            elif kind == "held":
+                _, request_id, prompt, params, sink = command
+                try:
+                    engine.add_request(request_id, prompt, params, hold=True)
+                    self._sinks[request_id] = sink
+                except ValueError as e:
+                    sink.put(e)
+            elif kind == "release":
+                self._sinks.pop(command[1], None)
+                engine.release(command[1])
             else:
                 engine.abort_request(command[1])
         if changed:

@@ -1,0 +1,72 @@
+"""The prefill worker's side of a KV transfer: the engine as a transfer PrefillBackend.
+
+The transfer server calls start() on one of its threads; the prefill itself runs on the
+engine thread (AsyncEngine.submit_held) and reports each step's progress into a queue
+this iterator drains. NOTE: a block is announced only once the engine says it is final
+(kv_progress.num_ready_blocks), and it stays pinned until release(): the server reads
+it from the KV tensor while the engine keeps computing other blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Iterator
+
+from splitserve.engine.types import FinishReason, SamplingParams
+from splitserve.transfer.backend import BlocksReady, Done, Event, PrefillBackend, PrefillRequest, Progress
+from splitserve.worker.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+# The first token is sampled on P, so P needs the sampling controls that shape it.
+_FIRST_TOKEN_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos")
+
+
+class PrefillAborted(RuntimeError):
+    """The engine ended the prefill without a first token (aborted or failed)."""
+
+
+def first_token_params(sampling: dict) -> SamplingParams:
+    fields = {k: sampling[k] for k in _FIRST_TOKEN_FIELDS if k in sampling}
+    if "stop_token_ids" in fields:
+        fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+    return SamplingParams(max_tokens=1, **fields)
+
+
+def sampling_for_prefill(params: SamplingParams) -> dict:
+    """What a decode worker sends a prefill worker about sampling (PrefillRequest.sampling)."""
+    return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "seed": params.seed, "stop_token_ids": list(params.stop_token_ids),
+            "ignore_eos": params.ignore_eos}
+
+
+class EnginePrefillBackend(PrefillBackend):
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    def start(self, request: PrefillRequest) -> Iterator[Event]:
+        rid = request.request_id
+        sink: queue.SimpleQueue = queue.SimpleQueue()
+        self.engine.submit_held(rid, list(request.token_ids), first_token_params(request.sampling), sink)
+        total = len(request.token_ids)
+        sent = 0
+        while True:
+            item = sink.get()
+            if isinstance(item, BaseException):
+                raise item
+            progress = item.kv_progress
+            if progress.num_ready_blocks > sent:
+                yield BlocksReady(sent, progress.block_ids[sent:progress.num_ready_blocks])
+                sent = progress.num_ready_blocks
+            yield Progress(progress.num_computed_tokens, total)
+            if item.finished:
+                if item.finish_reason is FinishReason.ABORT or not item.new_token_ids:
+                    raise PrefillAborted(f"request_id={rid} prefill ended without a first token")
+                logger.info("request_id=%s prefill done: %d tokens (%d cached), %d blocks",
+                            rid, total, item.num_cached_tokens, sent)
+                yield Done(item.new_token_ids[0])
+                return
+
+    def release(self, request_id: str) -> None:
+        self.engine.release_held(request_id)

@@ -1,0 +1,100 @@
+"""The decode worker's side of a disaggregated request: reserve, fetch, commit or fall back.
+
+1. reserve the prompt's blocks (a decode worker that cannot hold the prompt refuses now,
+   before any work starts: CapacityError -> 503 'capacity');
+2. fetch the KV from the named prefill worker into exactly those blocks (transfer thread;
+   resume, checksum re-send and stall detection live in splitserve.transfer);
+3. commit: the engine adopts the blocks and the first token and decodes; or, when the
+   transfer could not complete, apply the fallback policy — `local` continues the prompt
+   here from the last verified block, `fail` frees everything and raises.
+
+Never silent: every fallback is counted by reason (TransferStats) and logged at WARNING
+with the request id. NOTE: the reservation is released only after the fetch thread has
+returned, even if the HTTP caller went away: until then the thread may still write into
+those blocks, and freeing them early would let it scribble over another request's KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from splitserve.engine.types import RequestOutput, SamplingParams
+from splitserve.transfer.backend import PrefillRequest
+from splitserve.transfer.client import fetch_kv
+from splitserve.transfer.config import FetchResult, TransferStats
+from splitserve.worker.async_engine import AsyncEngine
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.prefill_backend import sampling_for_prefill
+from splitserve.worker.protocol import PrefillTarget
+
+logger = logging.getLogger(__name__)
+
+
+class TransferFailed(RuntimeError):
+    """The KV transfer failed and the fallback policy is 'fail'."""
+
+    def __init__(self, request_id: str, result: FetchResult):
+        super().__init__(
+            f"KV transfer for request {request_id} failed ({result.outcome.value}): {result.reason}; "
+            f"{result.blocks_verified} blocks had arrived verified; fallback policy is 'fail'")
+        self.result = result
+
+
+class RemotePrefill:
+    def __init__(self, engine: AsyncEngine, config: WorkerConfig, stats: TransferStats,
+                 observe_seconds):
+        self.engine = engine
+        self.config = config
+        self.stats = stats
+        self._observe_seconds = observe_seconds
+        self._fingerprint: dict[str, str] | None = None
+
+    async def run(self, request_id: str, prompt: list[int], params: SamplingParams,
+                  target: PrefillTarget) -> AsyncIterator[RequestOutput]:
+        """Returns the request's output stream once its KV is in place. Raises the
+        engine's RequestError / CapacityError before any transfer, TransferFailed under
+        --kv-fallback fail."""
+        block_ids = await self.engine.call(lambda e: e.reserve(request_id, prompt, params))
+        eng = self.engine.engine
+        if self._fingerprint is None:
+            self._fingerprint = eng.fingerprint()
+        prefill = PrefillRequest(request_id, list(prompt), sampling_for_prefill(params), len(block_ids))
+        logger.info("request_id=%s reserved %d KV blocks; fetching from prefill worker %s at %s:%d",
+                    request_id, len(block_ids), target.worker_id, target.kv_host, target.kv_port)
+        loop = asyncio.get_running_loop()
+        fetch = loop.run_in_executor(
+            None, fetch_kv, (target.kv_host, target.kv_port), prefill, block_ids, eng.runner.kv,
+            self.config.transfer, self._fingerprint, self.stats)
+        try:
+            result: FetchResult = await asyncio.shield(fetch)
+        except asyncio.CancelledError:
+            fetch.add_done_callback(lambda _f: self.engine.abort(request_id))
+            logger.info("request_id=%s caller left during the KV transfer; the reservation is "
+                        "released when the transfer thread returns", request_id)
+            raise
+        except BaseException:
+            self.engine.abort(request_id)
+            raise
+        self._observe_seconds(result.seconds)
+        if result.ok:
+            return await self.engine.open_stream(
+                request_id, lambda e: e.commit_reserved(request_id, len(prompt), result.first_token))
+        return await self._fallback(request_id, prompt, result)
+
+    async def _fallback(self, request_id: str, prompt: list[int], result: FetchResult):
+        bs = self.engine.engine.config.block_size
+        reuse = min(result.blocks_verified * bs, len(prompt))
+        if self.config.kv_fallback == "fail":
+            logger.warning("request_id=%s KV transfer failed (%s: %s); fallback policy 'fail': "
+                           "request refused, %d reserved blocks freed", request_id,
+                           result.outcome.value, result.reason, -(-len(prompt) // bs))
+            self.engine.abort(request_id)
+            raise TransferFailed(request_id, result)
+        logger.warning("request_id=%s KV transfer failed (%s: %s); fallback 'local': reusing %d "
+                       "verified blocks (%d tokens), computing the remaining %d of %d prompt "
+                       "tokens here", request_id, result.outcome.value, result.reason,
+                       result.blocks_verified, reuse, len(prompt) - reuse, len(prompt))
+        return await self.engine.open_stream(
+            request_id, lambda e: e.commit_reserved(request_id, reuse, None))
