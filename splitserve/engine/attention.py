@@ -66,6 +66,16 @@ class PagedAttention:
                 ks = k[rows].transpose(0, 1).unsqueeze(0)
                 vs = v[rows].transpose(0, 1).unsqueeze(0)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=s.num_new > 1, enable_gqa=True)
+            elif q.device.type == "cpu":
+                # The chunk sees its whole cached prefix (no mask) and itself causally.
+                # Two flash passes merged by their log-sum-exp: the CPU kernel has no
+                # bottom-right causal mode, and a materialized [chunk, context] mask is
+                # several times slower at long context.
+                ks = self._gather(k_cache, s.block_ids, s.start).to(q.dtype)
+                vs = self._gather(v_cache, s.block_ids, s.start).to(q.dtype)
+                kn = k[rows].transpose(0, 1).unsqueeze(0)
+                vn = v[rows].transpose(0, 1).unsqueeze(0)
+                o = _prefix_and_causal(qs, ks, vs, kn, vn)
             else:
                 ctx = s.start + s.num_new
                 ks = self._gather(k_cache, s.block_ids, ctx).to(q.dtype)
@@ -88,3 +98,17 @@ class PagedAttention:
         """[1, H_kv, ctx, D] from the sequence's blocks."""
         g = cache[block_ids].reshape(-1, *cache.shape[2:])[:ctx]
         return g.transpose(0, 1).unsqueeze(0)
+
+
+def _prefix_and_causal(q, k_prefix, v_prefix, k_new, v_new) -> torch.Tensor:
+    """softmax attention of q over [prefix (all visible), new (causal)], all [1, H, n, D]."""
+    groups = q.shape[1] // k_prefix.shape[1]
+    if groups > 1:
+        k_prefix, v_prefix = k_prefix.repeat_interleave(groups, 1), v_prefix.repeat_interleave(groups, 1)
+        k_new, v_new = k_new.repeat_interleave(groups, 1), v_new.repeat_interleave(groups, 1)
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    o1, lse1 = flash(q, k_prefix, v_prefix)
+    o2, lse2 = flash(q, k_new, v_new, is_causal=True)
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m).unsqueeze(-1), torch.exp(lse2 - m).unsqueeze(-1)
+    return ((o1 * w1 + o2 * w2) / (w1 + w2)).to(q.dtype)
