@@ -6,7 +6,6 @@ not a reason to skip: EtcdServer raises with the command that fixes it.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -38,6 +37,7 @@ class EtcdServer:
                 "etcd is not installed (no `etcd` on PATH). The etcd discovery tests need a "
                 "real server: run `make etcd` (apt-get install -y etcd-server) or `make test`.")
         self.port = 0
+        self._peer_port = 0
         self._proc: subprocess.Popen | None = None
         self._data_dir: str | None = None
         self._log: Path | None = None
@@ -48,19 +48,23 @@ class EtcdServer:
 
     def start(self) -> "EtcdServer":
         for _ in range(_PORT_RETRIES):
-            if self._try_start():
+            self._data_dir = tempfile.mkdtemp(prefix="splitserve-etcd-")
+            self.port, self._peer_port = _free_port(), _free_port()
+            if self._launch():
                 return self
-        raise RuntimeError(f"etcd did not start; last log:\n{self._log_tail()}")
+            tail = self._log_tail()
+            self.stop()
+        raise RuntimeError(f"etcd did not start; last log:\n{tail}")
+
+    def restart(self) -> None:
+        """Stop and start again on the same ports and data: clients must reconnect, and
+        leases and keys survive (as in a real etcd restart)."""
+        self._terminate()
+        if not self._launch():
+            raise RuntimeError(f"etcd did not restart; last log:\n{self._log_tail()}")
 
     def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-            self._proc = None
+        self._terminate()
         if self._data_dir is not None:
             shutil.rmtree(self._data_dir, ignore_errors=True)
             self._data_dir = None
@@ -71,27 +75,37 @@ class EtcdServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def _try_start(self) -> bool:
-        self.stop()
-        self._data_dir = tempfile.mkdtemp(prefix="splitserve-etcd-")
+    def _terminate(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def _launch(self) -> bool:
         self._log = Path(self._data_dir) / "etcd.log"
-        self.port, peer = _free_port(), _free_port()
-        client_url, peer_url = f"http://{self.host}:{self.port}", f"http://{self.host}:{peer}"
+        client_url = f"http://{self.host}:{self.port}"
+        peer_url = f"http://{self.host}:{self._peer_port}"
         cmd = [self.binary, "--name", "test", "--data-dir", str(Path(self._data_dir) / "data"),
                "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
                "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
                "--initial-cluster", f"test={peer_url}", "--log-level", "warn"]
-        with open(self._log, "wb") as log:
-            # Own process group: a Ctrl-C on the test run must not reach etcd before we stop it.
+        with open(self._log, "ab") as log:
+            # Own session: a Ctrl-C on the test run must not reach etcd before we stop it.
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True, env={**os.environ})
+                                          start_new_session=True)
         deadline = time.monotonic() + _START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
+                self._proc = None
                 return False
             if self._healthy(client_url):
                 return True
             time.sleep(0.1)
+        self._terminate()
         return False
 
     @staticmethod

@@ -60,9 +60,9 @@ def namespace():
 
 
 def record(worker_id: str, **kw) -> WorkerRecord:
-    return WorkerRecord(worker_id=worker_id, role=kw.pop("role", "decode"),
-                        api_url="http://127.0.0.1:9", metrics_url="http://127.0.0.1:9/metrics",
-                        model_name="tiny", **kw)
+    fields = {"role": "decode", "api_url": "http://127.0.0.1:9",
+              "metrics_url": "http://127.0.0.1:9/metrics", "model_name": "tiny", **kw}
+    return WorkerRecord(worker_id=worker_id, **fields)
 
 
 class Registrant:
@@ -94,11 +94,12 @@ class Watcher:
         async for event in discovery.watch():
             self.events.append((time.monotonic(), event))
 
-    async def wait_for(self, kind: str, worker_id: str, timeout: float) -> float:
+    async def wait_for(self, kind: str, worker_id: str, timeout: float, after: float = 0.0) -> float:
+        """Arrival time of the first such event that arrived after `after`."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for t, event in self.events:
-                if event.kind == kind and event.worker_id == worker_id:
+                if t > after and event.kind == kind and event.worker_id == worker_id:
                     return t
             await asyncio.sleep(0.05)
         raise AssertionError(f"no {kind} event for {worker_id} within {timeout} s: {self.events}")

@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 _RETRY_MIN_S, _RETRY_MAX_S = 0.2, 5.0
 # The client's failures: gRPC errors come out of aetcd mapped to ClientError subclasses.
 _ETCD_ERRORS = (aetcd.exceptions.ClientError,)
+# gRPC backs off up to 120 s between reconnects by default; discovery must notice an etcd
+# that came back within a keep-alive period or two, before the leases it restored lapse.
+_CHANNEL_OPTIONS = {"grpc.initial_reconnect_backoff_ms": 200, "grpc.min_reconnect_backoff_ms": 200,
+                    "grpc.max_reconnect_backoff_ms": 1000}
 
 
 @dataclass(frozen=True)
@@ -70,13 +74,15 @@ class EtcdDiscovery(Discovery):
     def __init__(self, config: EtcdDiscoveryConfig) -> None:
         self.config = config
         # aetcd connects lazily on the first call, so constructing this touches no network.
-        self._client = aetcd.Client(config.host, config.port, timeout=config.rpc_timeout_s)
+        self._client = aetcd.Client(config.host, config.port, timeout=config.rpc_timeout_s,
+                                    options=_CHANNEL_OPTIONS)
         self._own: dict[str, WorkerRecord] = {}
         self._leases: dict[str, int] = {}
         # Serialises changes to this instance's registrations: a keep-alive that finds its
         # lease gone must not re-create a worker that deregistered meanwhile.
         self._lock = asyncio.Lock()
         self._keepalive: asyncio.Task | None = None
+        self._failing: set[str] = set()     # workers whose keep-alive is failing now
         self._closed = asyncio.Event()
 
     def _key(self, worker_id: str) -> bytes:
@@ -211,8 +217,16 @@ class EtcdDiscovery(Discovery):
                             await self._grant_and_put(record)
                     except _ETCD_ERRORS as e:
                         # Keep trying: the lease survives until its TTL, and a re-grant
-                        # follows on the first keep-alive after etcd is back.
-                        logger.warning("etcd keep-alive for worker %s failed: %s", worker_id, e)
+                        # follows on the first keep-alive after etcd is back. Warn once
+                        # per outage, not every keep-alive period.
+                        if worker_id not in self._failing:
+                            self._failing.add(worker_id)
+                            logger.warning("etcd keep-alive for worker %s failed: %s; retrying "
+                                           "every %.1f s", worker_id, e, self.config.keepalive_s)
+                        continue
+                    if worker_id in self._failing:
+                        self._failing.discard(worker_id)
+                        logger.info("etcd keep-alive for worker %s recovered", worker_id)
 
     async def _snapshot(self) -> tuple[dict[str, WorkerRecord], int]:
         response = await self._client.get_prefix(self.config.prefix)

@@ -1,0 +1,102 @@
+"""etcd-specific discovery behaviour against a real etcd: leases that lapse while the
+worker lives are granted again, watches and keep-alives survive an etcd restart, and
+malformed keys under the prefix do not break a frontend."""
+
+import asyncio
+import time
+import uuid
+
+import aetcd
+import pytest
+
+from etcd_server import EtcdServer
+from splitserve.discovery import EtcdDiscovery, EtcdDiscoveryConfig
+from test_discovery_backends import MARGIN_S, Watcher, listed_ids, record
+
+TTL_S = 2
+
+
+@pytest.fixture(scope="module")
+def etcd():
+    with EtcdServer() as server:
+        yield server
+
+
+@pytest.fixture
+def config(etcd):
+    return EtcdDiscoveryConfig(host=etcd.host, port=etcd.port,
+                               namespace=f"test-{uuid.uuid4().hex[:8]}", ttl_s=TTL_S)
+
+
+def key(config: EtcdDiscoveryConfig, worker_id: str) -> bytes:
+    return f"/splitserve/{config.namespace}/workers/{worker_id}".encode()
+
+
+def test_keys_live_under_the_namespace_prefix_with_a_lease(etcd, config):
+    async def main():
+        async with EtcdDiscovery(config) as worker, aetcd.Client(etcd.host, etcd.port) as raw:
+            await worker.register(record("p0"))
+            kv = await raw.get(key(config, "p0"))
+            assert kv is not None and kv.lease != 0
+            info = await raw.get_lease_info(kv.lease)
+            assert 0 < info.TTL <= TTL_S
+
+    asyncio.run(main())
+
+
+def test_lapsed_lease_of_a_live_worker_is_granted_again(etcd, config):
+    async def main():
+        async with EtcdDiscovery(config) as worker, EtcdDiscovery(config) as frontend, \
+                aetcd.Client(etcd.host, etcd.port) as raw:
+            watcher = Watcher(frontend)
+            await worker.register(record("d0"))
+            await watcher.wait_for("put", "d0", timeout=2)
+            # As if the worker had stalled past its TTL: etcd drops the lease and the key.
+            await raw.revoke_lease((await raw.get(key(config, "d0"))).lease)
+            gone = await watcher.wait_for("delete", "d0", timeout=2)
+            # The next keep-alive finds the lease gone and registers again.
+            back = await watcher.wait_for("put", "d0", after=gone,
+                                          timeout=config.keepalive_s + MARGIN_S)
+            assert back - gone <= config.keepalive_s + MARGIN_S
+            assert await listed_ids(frontend) == ["d0"]
+
+    asyncio.run(main())
+
+
+def test_watch_and_keepalive_survive_an_etcd_restart(etcd, config):
+    async def main():
+        async with EtcdDiscovery(config) as worker, EtcdDiscovery(config) as frontend:
+            watcher = Watcher(frontend)
+            await worker.register(record("d0"))
+            await watcher.wait_for("put", "d0", timeout=2)
+            await asyncio.to_thread(etcd.restart)
+            restarted = time.monotonic()
+            # The watch resumed: a worker registering after the restart is seen.
+            async with EtcdDiscovery(config) as other:
+                await other.register(record("d1"))
+                await watcher.wait_for("put", "d1", after=restarted, timeout=5)
+            # The keep-alive reconnected: d0 outlives its TTL after the restart.
+            await asyncio.sleep(TTL_S + MARGIN_S)
+            assert await listed_ids(frontend) == ["d0"]
+            assert not any(e.kind == "delete" and e.worker_id == "d0" for _, e in watcher.events)
+
+    asyncio.run(main())
+
+
+def test_malformed_keys_under_the_prefix_are_ignored(etcd, config):
+    async def main():
+        async with EtcdDiscovery(config) as worker, EtcdDiscovery(config) as frontend, \
+                aetcd.Client(etcd.host, etcd.port) as raw:
+            await raw.put(key(config, "junk"), b"not json")
+            await raw.put(key(config, "alias"), b'{"worker_id": "other"}')
+            watcher = Watcher(frontend)
+            await worker.register(record("p0"))
+            await raw.put(key(config, "junk2"), b"{}")
+            await raw.delete(key(config, "junk"))
+            await watcher.wait_for("put", "p0", timeout=2)
+            await worker.deregister("p0")
+            await watcher.wait_for("delete", "p0", timeout=2)
+            assert [(e.kind, e.worker_id) for _, e in watcher.events] == [("put", "p0"), ("delete", "p0")]
+            assert await frontend.list() == []
+
+    asyncio.run(main())
