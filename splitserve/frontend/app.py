@@ -1,8 +1,9 @@
 """The OpenAI-compatible frontend: /v1/chat/completions, /v1/completions, /v1/models,
-/live, /health, /metrics.
+/live, /health, /metrics, and GET /cluster (the workers as the frontend sees them).
 
 It serves whatever model its workers serve: the model name, max_model_len and the
-tokenizer's directory come from a ready worker's /info. Until then every API call
+tokenizer's directory come from a ready worker's /info. Until a request can be served
+(a ready prefill+decode pair or a ready `both` worker, see routing.py) every API call
 answers 503 with the reason, and /health says why.
 """
 
@@ -25,6 +26,7 @@ from splitserve.frontend.generation import Generation
 from splitserve.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from splitserve.frontend.preprocess import Preprocessor
 from splitserve.frontend.responses import CHAT, COMPLETION, Shape, full_response, stream_events
+from splitserve.frontend.routing import RoundRobin, unavailable_reason
 from splitserve.frontend.worker_client import WorkerClient
 from splitserve.metrics import FrontendMetrics
 from splitserve.worker import protocol as p
@@ -37,6 +39,7 @@ class Frontend:
 
     def __init__(self, worker_urls: list[str]):
         self.client = WorkerClient(worker_urls)
+        self.policy = RoundRobin()
         self.registry = CollectorRegistry()
         self.metrics = FrontendMetrics(self.registry)
         self.tokenizer = None
@@ -61,7 +64,7 @@ class Frontend:
     def unavailable_reason(self) -> str | None:
         if self.tokenizer_error:
             return self.tokenizer_error
-        reason = self.client.unavailable_reason()
+        reason = unavailable_reason(self.client.workers())
         if reason is None and self.preprocessor is None:
             return "loading the tokenizer"
         return reason
@@ -118,6 +121,13 @@ def create_app(worker_urls: list[str]) -> FastAPI:
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         return JSONResponse({"status": "ok"})
 
+    @app.get("/cluster")
+    async def cluster() -> Response:
+        # For operators and tools: every configured worker, ready or not, and why not.
+        reason = fe.unavailable_reason()
+        return JSONResponse({"status": "ok" if reason is None else "unavailable", "reason": reason,
+                             "workers": [w.to_json() for w in fe.client.workers()]})
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(fe.registry), media_type=CONTENT_TYPE_LATEST)
@@ -152,7 +162,7 @@ def create_app(worker_urls: list[str]) -> FastAPI:
         prompt = pre.chat_prompt(body) if shape.chat else pre.completion_prompt(body)
         sampling = pre.sampling(body, len(prompt), shape.chat)
         request_id = f"{'chatcmpl' if shape.chat else 'cmpl'}-{uuid.uuid4().hex}"
-        gen = Generation(fe.client, fe.tokenizer, fe.metrics,
+        gen = Generation(fe.client, fe.policy, fe.tokenizer, fe.metrics,
                          p.GenerateRequest(request_id, prompt, sampling), body.stop_list(), arrival)
         await gen.start()
         if body.stream:

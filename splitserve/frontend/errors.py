@@ -35,3 +35,8 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
 
 def unavailable(message: str) -> OpenAIError:
     return OpenAIError(503, message)
+
+
+def bad_gateway(message: str) -> OpenAIError:
+    """A worker behind the frontend failed the request in a way retrying cannot fix."""
+    return OpenAIError(502, message)

@@ -1,5 +1,11 @@
-"""One request's trip through a worker, as the frontend sees it: token ids come in, text
-deltas go out, with incremental detokenization, stop strings and request metrics.
+"""One request's trip through the workers, as the frontend sees it: the routing policy
+names the workers to try, token ids come in, text deltas go out, with incremental
+detokenization, stop strings and request metrics.
+
+A worker that cannot take the request (full, unreachable, not ready) is skipped for the
+next one the policy named. That is safe only before the worker produced anything: a
+decode worker answers its HTTP status once the prompt's KV is in place, so every
+transfer-time failure is still a status, and nothing reached the client yet.
 
 Leaving `deltas()` early (stop string hit, client gone) closes the worker stream, which
 aborts the request in the worker and frees its KV blocks.
@@ -13,10 +19,14 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
+import msgspec
+
 from splitserve.frontend.detokenizer import IncrementalDetokenizer
-from splitserve.frontend.errors import OpenAIError, bad_request, unavailable
+from splitserve.frontend.errors import OpenAIError, bad_gateway, bad_request, unavailable
+from splitserve.frontend.routing import Attempt, RoutingPolicy, unavailable_reason
 from splitserve.frontend.stop_strings import StopStringMatcher
-from splitserve.frontend.worker_client import WorkerClient, WorkerRejected, WorkerUnavailable
+from splitserve.frontend.worker_client import (KVTransferFailed, WorkerClient, WorkerRejected,
+                                               WorkerUnavailable)
 from splitserve.metrics import FrontendMetrics
 from splitserve.worker import protocol as p
 
@@ -32,12 +42,16 @@ class Delta:
 
 
 class Generation:
-    def __init__(self, client: WorkerClient, tokenizer, metrics: FrontendMetrics,
-                 request: p.GenerateRequest, stop: list[str], arrival: float):
+    def __init__(self, client: WorkerClient, policy: RoutingPolicy, tokenizer,
+                 metrics: FrontendMetrics, request: p.GenerateRequest, stop: list[str],
+                 arrival: float):
         self.request_id = request.request_id
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_generated_tokens = 0
+        self._num_transferred_tokens = 0
         self._client = client
+        self._policy = policy
+        self._attempt: Attempt | None = None
         self._request = request
         self._metrics = metrics
         self._detok = IncrementalDetokenizer(tokenizer)
@@ -48,17 +62,38 @@ class Generation:
         self._chunks: AsyncIterator[p.GenerateChunk] | None = None
 
     async def start(self) -> None:
-        """Send the request to a worker; raises OpenAIError (400 refused, 503 no worker)."""
-        try:
-            url = self._client.pick()
-            self._chunks = await self._resources.enter_async_context(self._client.stream(url, self._request))
-        except WorkerRejected as e:
-            raise bad_request(str(e), e.param) from e
-        except WorkerUnavailable as e:
-            raise unavailable(str(e)) from e
-        self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
-        logger.info("request_id=%s sent to %s: %d prompt tokens, max_tokens=%d", self.request_id,
-                    url, self.num_prompt_tokens, self._request.sampling.max_tokens)
+        """Hand the request to the first worker that takes it; raises OpenAIError (400
+        invalid, 502 the KV transfer failed, 503 no worker could take it)."""
+        workers = self._client.workers()
+        attempts = self._policy.route(self._request, workers)
+        if not attempts:
+            reason = unavailable_reason(workers) or "the routing policy named no worker"
+            logger.warning("request_id=%s: no worker can serve it: %s", self.request_id, reason)
+            raise unavailable(f"no worker can serve the request: {reason}")
+        failures: list[str] = []
+        for attempt in attempts:
+            request = msgspec.structs.replace(self._request, prefill=attempt.prefill)
+            try:
+                self._chunks = await self._resources.enter_async_context(
+                    self._client.stream(attempt.url, request))
+            except WorkerUnavailable as e:
+                logger.warning("request_id=%s not taken: %s", self.request_id, e)
+                failures.append(str(e))
+                continue
+            except WorkerRejected as e:
+                raise bad_request(str(e), e.param) from e
+            except KVTransferFailed as e:
+                logger.warning("request_id=%s KV transfer failed at %s: %s", self.request_id,
+                               attempt.url, e)
+                raise bad_gateway(f"the prompt's KV cache could not be transferred: {e}") from e
+            self._attempt = attempt
+            self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
+            via = "" if attempt.prefill is None else f" (KV from prefill worker {attempt.prefill.worker_id})"
+            logger.info("request_id=%s sent to %s%s: %d prompt tokens, max_tokens=%d",
+                        self.request_id, attempt.url, via, self.num_prompt_tokens,
+                        self._request.sampling.max_tokens)
+            return
+        raise unavailable(f"no worker could take the request: {'; '.join(failures)}")
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text deltas; the last one carries the finish reason. Call start() first."""
@@ -73,6 +108,7 @@ class Generation:
                 if chunk.finish_reason is not None:
                     text += self._stop.feed(self._detok.flush()) + self._stop.flush()
                     reason = chunk.finish_reason
+                    self._num_transferred_tokens = chunk.num_transferred_tokens
                 if self._stop.stopped:
                     reason = "stop"
                 if text or reason:
@@ -112,8 +148,12 @@ class Generation:
         elapsed = time.monotonic() - self._arrival
         if status == "200":
             self._metrics.e2e_request_latency.observe(elapsed)
-            logger.info("request_id=%s done: %d tokens in %.3fs", self.request_id,
-                        self.num_generated_tokens, elapsed)
+            # Transferred vs prompt tokens tells an operator whether the KV hand-off worked
+            # or the decode worker recomputed the prompt.
+            kv = "" if self._attempt.prefill is None else \
+                f", KV of {self._num_transferred_tokens}/{self.num_prompt_tokens} prompt tokens transferred"
+            logger.info("request_id=%s done: %d tokens in %.3fs%s", self.request_id,
+                        self.num_generated_tokens, elapsed, kv)
         elif status == CLIENT_GONE:
             logger.info("request_id=%s client disconnected after %d tokens; aborted",
                         self.request_id, self.num_generated_tokens)

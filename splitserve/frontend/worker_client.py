@@ -1,14 +1,16 @@
 """The frontend's connection to its workers.
 
-Knows a fixed list of worker URLs (a router and discovery replace that list later),
-polls their /health and /info, and opens token streams on a ready worker. Nothing here
-knows about OpenAI: it speaks worker.protocol only.
+Knows a fixed list of worker URLs (discovery replaces that list later), polls their
+/health and /info into one WorkerStatus each, and opens token streams. A worker's reply
+to /generate is sorted into what the caller can do about it: try another worker
+(WorkerUnavailable), tell the client its request is invalid (WorkerRejected), or tell the
+client the KV transfer failed (KVTransferFailed). Nothing here knows about OpenAI or
+about routing: it speaks worker.protocol only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,13 +18,15 @@ from contextlib import asynccontextmanager
 import httpx
 import msgspec
 
+from splitserve.frontend.workers import WorkerState, WorkerStatus
 from splitserve.worker import protocol as p
 
 logger = logging.getLogger(__name__)
 
 
 class WorkerUnavailable(Exception):
-    """No worker can take the request (loading, failed, unreachable, or lost mid-stream)."""
+    """This worker cannot take the request now (full, loading, failed, unreachable); another
+    worker may. Raised only before the worker produced anything for the request."""
 
 
 class WorkerRejected(Exception):
@@ -33,18 +37,20 @@ class WorkerRejected(Exception):
         self.param = param
 
 
+class KVTransferFailed(Exception):
+    """The decode worker could not get the prompt's KV and its policy is to fail (its 502)."""
+
+
 class WorkerClient:
-    def __init__(self, urls: list[str], poll_interval_s: float = 0.5):
+    def __init__(self, urls: list[str], poll_interval_s: float = 0.5,
+                 transport: httpx.AsyncBaseTransport | None = None):
         if not urls:
             raise ValueError("at least one worker URL is needed")
-        self._urls = [u.rstrip("/") for u in urls]
+        self._workers = {u.rstrip("/"): WorkerStatus(u.rstrip("/")) for u in urls}
         self._poll_interval_s = poll_interval_s
-        self._ready: dict[str, p.WorkerInfo] = {}
-        self._not_ready: dict[str, str] = {u: "not contacted yet" for u in self._urls}
-        self._turn = itertools.count()
         # No read timeout: a long prefill legitimately sends nothing for minutes.
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, read=None),
+            timeout=httpx.Timeout(10.0, read=None), transport=transport,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self._poller: asyncio.Task | None = None
         self.first_ready = asyncio.Event()
@@ -57,21 +63,12 @@ class WorkerClient:
             self._poller.cancel()
         await self._http.aclose()
 
+    def workers(self) -> list[WorkerStatus]:
+        return list(self._workers.values())
+
     def info(self) -> p.WorkerInfo | None:
         """What the ready workers serve (they all serve the same model)."""
-        return next(iter(self._ready.values()), None)
-
-    def unavailable_reason(self) -> str | None:
-        """None when some worker is ready, else why not, per worker."""
-        if self._ready:
-            return None
-        return "; ".join(f"worker {u}: {r}" for u, r in self._not_ready.items())
-
-    def pick(self) -> str:
-        ready = list(self._ready)
-        if not ready:
-            raise WorkerUnavailable(f"no worker is ready ({self.unavailable_reason()})")
-        return ready[next(self._turn) % len(ready)]
+        return next((w.info for w in self._workers.values() if w.ready), None)
 
     @asynccontextmanager
     async def stream(self, url: str, request: p.GenerateRequest) -> AsyncIterator[AsyncIterator[p.GenerateChunk]]:
@@ -82,12 +79,12 @@ class WorkerClient:
                                          headers={"content-type": "application/json"}) as resp:
                 if resp.status_code != 200:
                     await self._raise_for(url, resp)
-                yield self._chunks(url, resp)
+                yield self._chunks(resp)
         except httpx.HTTPError as e:
-            self._mark_down(url, f"unreachable: {e!r}")
+            self._mark_down(url, WorkerState.UNREACHABLE, f"unreachable: {e!r}")
             raise WorkerUnavailable(f"worker {url} failed: {e!r}") from e
 
-    async def _chunks(self, url: str, resp: httpx.Response) -> AsyncIterator[p.GenerateChunk]:
+    async def _chunks(self, resp: httpx.Response) -> AsyncIterator[p.GenerateChunk]:
         async for line in resp.aiter_lines():
             if line:
                 yield p.decode(line, p.GenerateChunk)
@@ -95,40 +92,59 @@ class WorkerClient:
 
     async def _raise_for(self, url: str, resp: httpx.Response) -> None:
         body = await resp.aread()
-        if resp.status_code == 400:
-            err = p.decode(body, p.WorkerError)
-            raise WorkerRejected(err.message, err.param)
-        reason = body.decode(errors="replace")
-        try:
-            reason = p.decode(body, p.WorkerHealth).reason or reason
-        except msgspec.MsgspecError:
-            pass
-        self._mark_down(url, f"HTTP {resp.status_code}: {reason}")
-        raise WorkerUnavailable(f"worker {url} answered {resp.status_code}: {reason}")
+        error = _decode_or_none(body, p.WorkerError)
+        if resp.status_code == 400 and error is not None:
+            raise WorkerRejected(error.message, error.param)
+        if resp.status_code == 502 and error is not None and error.code == "kv_transfer":
+            raise KVTransferFailed(error.message)
+        if resp.status_code == 503 and error is not None and error.code == "capacity":
+            # A full worker is healthy: it stays routable for smaller or later requests.
+            raise WorkerUnavailable(f"worker {url} is full: {error.message}")
+        health = _decode_or_none(body, p.WorkerHealth)
+        if health is not None and health.status in ("loading", "failed"):
+            self._mark_down(url, WorkerState(health.status), health.reason or health.status)
+        else:
+            reason = error.message if error is not None else body.decode(errors="replace")
+            self._mark_down(url, WorkerState.UNREACHABLE, f"HTTP {resp.status_code}: {reason}")
+        raise WorkerUnavailable(f"worker {url} answered {resp.status_code}: "
+                                f"{self._workers[url].reason}")
 
-    def _mark_down(self, url: str, reason: str) -> None:
-        if self._ready.pop(url, None) is not None:
+    def _mark_down(self, url: str, state: WorkerState, reason: str) -> None:
+        worker = self._workers[url]
+        if worker.ready:
             logger.warning("worker %s is no longer usable: %s", url, reason)
-        self._not_ready[url] = reason
+        worker.set_down(state, reason)
 
     async def _poll_forever(self) -> None:
         while True:
-            await asyncio.gather(*(self._poll(u) for u in self._urls))
+            await asyncio.gather(*(self._poll(w) for w in self._workers.values()))
             await asyncio.sleep(self._poll_interval_s)
 
-    async def _poll(self, url: str) -> None:
+    async def _poll(self, worker: WorkerStatus) -> None:
         try:
-            resp = await self._http.get(f"{url}/health", timeout=5.0)
+            resp = await self._http.get(f"{worker.url}/health", timeout=5.0)
             if resp.status_code != 200:
                 health = p.decode(resp.content, p.WorkerHealth)
-                self._mark_down(url, health.reason or health.status)
+                state = WorkerState.LOADING if health.status == "loading" else WorkerState.FAILED
+                self._mark_down(worker.url, state, health.reason or health.status)
                 return
-            if url not in self._ready:
-                info = p.decode((await self._http.get(f"{url}/info", timeout=5.0)).content, p.WorkerInfo)
-                self._ready[url] = info
-                self._not_ready.pop(url, None)
-                logger.info("worker %s ready: model %s, max_model_len %d", url, info.model_name,
-                            info.max_model_len)
-                self.first_ready.set()
+            if worker.ready:
+                worker.set_ready(worker.info)
+                return
+            # (Re)read /info on every return to ready: a restarted worker may be another one.
+            info = p.decode((await self._http.get(f"{worker.url}/info", timeout=5.0)).content,
+                            p.WorkerInfo)
+            worker.set_ready(info)
+            logger.info("worker %s ready: role %s, id %s, model %s, max_model_len %d%s", worker.url,
+                        info.role, worker.worker_id, info.model_name, info.max_model_len,
+                        f", KV at {worker.kv_endpoint}" if worker.kv_endpoint else "")
+            self.first_ready.set()
         except (httpx.HTTPError, msgspec.MsgspecError) as e:
-            self._mark_down(url, f"unreachable: {e!r}")
+            self._mark_down(worker.url, WorkerState.UNREACHABLE, f"unreachable: {e!r}")
+
+
+def _decode_or_none(body: bytes, cls: type[msgspec.Struct]):
+    try:
+        return p.decode(body, cls)
+    except msgspec.MsgspecError:
+        return None
