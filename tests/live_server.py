@@ -57,21 +57,37 @@ def pid_alive(pid: int) -> bool:
 class LiveServer:
     process: subprocess.Popen
     base_url: str       # the OpenAI API root, e.g. http://127.0.0.1:PORT
-    worker_url: str
+    workers: dict[str, list[str]]   # role -> the workers' API URLs, as GET /cluster lists them
     log_path: Path
+
+    @property
+    def worker_url(self) -> str:
+        """The worker that streams tokens to the frontend: the `both` worker, or the decode
+        worker (for a serve with exactly one of them)."""
+        urls = self.workers.get("both") or self.workers.get("decode")
+        assert urls and len(urls) == 1, f"no single both/decode worker: {self.workers}"
+        return urls[0]
+
+    @property
+    def worker_urls(self) -> list[str]:
+        return [url for urls in self.workers.values() for url in urls]
+
+    def cluster(self) -> dict:
+        return httpx.get(f"{self.base_url}/cluster", timeout=10).json()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def worker_metric(self, name: str) -> float:
-        return metric_value(f"{self.worker_url}/metrics", name)
+    def worker_metric(self, name: str, url: str | None = None) -> float:
+        return metric_value(f"{url or self.worker_url}/metrics", name)
 
     def frontend_metric(self, name: str) -> float:
         return metric_value(f"{self.base_url}/metrics", name)
 
-    def wait_worker_metric(self, name: str, value: float, timeout: float = 15.0) -> float:
+    def wait_worker_metric(self, name: str, value: float, timeout: float = 15.0,
+                           url: str | None = None) -> float:
         deadline = time.monotonic() + timeout
-        while (got := self.worker_metric(name)) != value and time.monotonic() < deadline:
+        while (got := self.worker_metric(name, url)) != value and time.monotonic() < deadline:
             time.sleep(0.1)
         return got
 
@@ -82,15 +98,13 @@ class LiveServer:
 
 
 def start_serve(model_dir: Path | None, workdir: Path, *extra_args: str, timeout: float = 180.0) -> LiveServer:
-    """Run `splitserve serve --aggregated` and wait until it reports ready. model_dir=None
-    serves the embedded default model."""
+    """Run `splitserve serve *extra_args` (disaggregated unless they say `--aggregated`) and
+    wait until it reports ready. model_dir=None serves the embedded default model."""
     port_file = workdir / "api.port"
     log_path = workdir / "serve.log"
-    worker_port = free_port()
     model_args = [] if model_dir is None else ["--model", str(model_dir)]
-    cmd = [sys.executable, "-m", "splitserve", "serve", "--aggregated", *model_args,
-           "--port", "0", "--port-file", str(port_file), "--worker-port", str(worker_port),
-           *extra_args]
+    cmd = [sys.executable, "-m", "splitserve", "serve", *model_args,
+           "--port", "0", "--port-file", str(port_file), *extra_args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     deadline = time.monotonic() + timeout
@@ -99,5 +113,8 @@ def start_serve(model_dir: Path | None, workdir: Path, *extra_args: str, timeout
             proc.kill()
             raise RuntimeError(f"serve did not start (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}")
         time.sleep(0.2)
-    return LiveServer(proc, f"http://127.0.0.1:{int(port_file.read_text())}",
-                      f"http://127.0.0.1:{worker_port}", log_path)
+    base_url = f"http://127.0.0.1:{int(port_file.read_text())}"
+    workers: dict[str, list[str]] = {}
+    for w in httpx.get(f"{base_url}/cluster", timeout=10).json()["workers"]:
+        workers.setdefault(w["role"], []).append(w["api_url"])
+    return LiveServer(proc, base_url, workers, log_path)

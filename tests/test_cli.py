@@ -14,6 +14,7 @@ import pytest
 from live_server import child_pids, pid_alive, start_serve
 from splitserve.cli.engine_args import engine_argv, engine_config_from_args
 from splitserve.cli.main import build_parser
+from splitserve.cli.serve_cmd import _worker_argv, _worker_roles
 from splitserve.config import EngineConfig, defaults
 
 
@@ -41,6 +42,47 @@ def test_invalid_engine_flags_are_usage_errors(capsys):
     assert e.value.code == 2 and "block_size must be a positive power of two" in capsys.readouterr().err
 
 
+def _serve(argv):
+    parser = build_parser()
+    args = parser.parse_args(["serve", *argv])
+    return args.parser, args
+
+
+def test_serve_is_one_prefill_and_one_decode_worker_by_default():
+    assert _worker_roles(*_serve([])) == [("prefill-0", "prefill"), ("decode-0", "decode")]
+    assert _worker_roles(*_serve(["--prefill", "2", "--decode", "3"])) == [
+        ("prefill-0", "prefill"), ("prefill-1", "prefill"),
+        ("decode-0", "decode"), ("decode-1", "decode"), ("decode-2", "decode")]
+    assert _worker_roles(*_serve(["--aggregated"])) == [("worker", "both")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--aggregated", "--decode", "1"], "--aggregated runs one `both` worker"),
+    (["--decode", "0"], "--decode must be at least 1"),
+    (["--kv-lease", "0"], "lease must be > 0"),
+])
+def test_inconsistent_serve_flags_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        _worker_roles(*_serve(argv))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_serve_passes_engine_and_transfer_flags_to_its_workers_but_not_the_secret(tmp_path):
+    parser, args = _serve(["--block-size", "32", "--kv-transport", "tcp", "--kv-stall-timeout", "5",
+                           "--kv-lease", "12", "--kv-fallback", "fail", "--kv-secret", "s3cret",
+                           "--advertise-host", "10.0.0.7"])
+    config = engine_config_from_args(parser, args)
+    prefill = _worker_argv("prefill", tmp_path / "p.port", args, config)
+    decode = _worker_argv("decode", tmp_path / "d.port", args, config)
+    assert "s3cret" not in prefill + decode  # it travels in the environment
+    worker = build_parser().parse_args(prefill[3:])  # argv: python -m splitserve worker ...
+    assert (worker.role, worker.host, worker.port, worker.kv_port) == ("prefill", "127.0.0.1", 0, 0)
+    assert (worker.kv_transport, worker.kv_stall_timeout, worker.kv_lease, worker.kv_fallback,
+            worker.advertise_host) == ("tcp", 5.0, 12.0, "fail", "10.0.0.7")
+    assert engine_config_from_args(worker.parser, worker) == config
+    assert build_parser().parse_args(decode[3:]).role == "decode" and "--kv-port" not in decode
+
+
 def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "splitserve", "--help"],
                          capture_output=True, text=True, check=True)
@@ -55,10 +97,10 @@ def _wait_gone(pids, timeout=20.0):
     return [p for p in pids if pid_alive(p)]
 
 
-def test_serve_supervision(tiny_llama_dir, tmp_path):
+def test_serve_supervision_aggregated(tiny_llama_dir, tmp_path):
     # SIGTERM: every child stops and serve exits 0.
     (tmp_path / "a").mkdir()
-    srv = start_serve(tiny_llama_dir, tmp_path / "a")
+    srv = start_serve(tiny_llama_dir, tmp_path / "a", "--aggregated")
     children = child_pids(srv.process.pid)
     assert len(children) == 2
     assert srv.stop(signal.SIGTERM) == 0
@@ -66,7 +108,7 @@ def test_serve_supervision(tiny_llama_dir, tmp_path):
 
     # A child that dies takes serve down, with a message naming it.
     (tmp_path / "b").mkdir()
-    srv = start_serve(tiny_llama_dir, tmp_path / "b")
+    srv = start_serve(tiny_llama_dir, tmp_path / "b", "--aggregated")
     by_part = {open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[3].decode(): pid
                for pid in child_pids(srv.process.pid)}  # argv: python -m splitserve PART ...
     worker, frontend = by_part["worker"], by_part["frontend"]
@@ -77,7 +119,7 @@ def test_serve_supervision(tiny_llama_dir, tmp_path):
 
     # serve itself killed: the kernel takes the children down too (no orphans).
     (tmp_path / "c").mkdir()
-    srv = start_serve(tiny_llama_dir, tmp_path / "c")
+    srv = start_serve(tiny_llama_dir, tmp_path / "c", "--aggregated")
     children = child_pids(srv.process.pid)
     srv.process.kill()
     srv.process.wait()

@@ -18,7 +18,7 @@ CHAT = [{"role": "user", "content": "Tell me a story."}]
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, tmp_path_factory):
-    srv = start_serve(tiny_llama_dir, tmp_path_factory.mktemp("serve"),
+    srv = start_serve(tiny_llama_dir, tmp_path_factory.mktemp("serve"), "--aggregated",
                       "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "tiny")
     yield srv
     try:

@@ -30,15 +30,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description="Disaggregated LLM serving.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run frontend + worker(s) on this machine")
+    serve = sub.add_parser("serve", help="run frontend + prefill and decode workers on this machine")
     _listen(serve, 8000, "OpenAI API")
     serve.add_argument("--port-file", help="write the API port here once everything is healthy")
-    serve.add_argument("--worker-port", type=int, default=0,
-                       help="the worker's internal API port on 127.0.0.1; 0 picks a free one "
-                            "(default: %(default)s)")
+    # None (not 1) as the default: `--aggregated --prefill 1` must be refused, not ignored.
+    serve.add_argument("--prefill", type=int, default=None, metavar="N",
+                       help="prefill workers (default: 1)")
+    serve.add_argument("--decode", type=int, default=None, metavar="M",
+                       help="decode workers (default: 1)")
     serve.add_argument("--aggregated", action="store_true",
-                       help="one worker doing prefill and decode (the only mode for now)")
+                       help="one `both` worker doing prefill and decode, no KV transfer")
     add_engine_arguments(serve)
+    add_transfer_args(serve)
     _common(serve)
     serve.set_defaults(module="splitserve.cli.serve_cmd", parser=serve)
 

@@ -1,14 +1,18 @@
-"""`splitserve serve`: frontend + one `both` worker on this machine, as child processes.
+"""`splitserve serve`: frontend + workers on this machine, as child processes.
 
-Order: the worker starts on a free loopback port and loads its model; once its /health
-says ok, the frontend starts on --host/--port. Ctrl-C or SIGTERM stops everything; a
-child that dies takes the whole serve down with a message naming it.
+Disaggregated by default: --prefill N prefill workers and --decode M decode workers (1
+and 1); --aggregated runs one `both` worker instead. Order: every worker starts on a free
+loopback port (prefill workers also on a free KV port, which they report in /info) and
+loads its model; once every worker's /health says ok, the frontend starts on
+--host/--port with all their URLs. Ctrl-C or SIGTERM stops everything; a child that dies
+takes the whole serve down with a message naming it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -18,21 +22,55 @@ from pathlib import Path
 
 import httpx
 
-from splitserve.cli.engine_args import engine_argv, engine_config_from_args
+from splitserve.cli.engine_args import (engine_argv, engine_config_from_args, transfer_argv,
+                                        worker_config_from_args)
 from splitserve.cli.logs import configure_logging
 from splitserve.cli.supervisor import Child, Supervisor
+from splitserve.config import EngineConfig
+from splitserve.worker.config import SECRET_ENV
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.2
+_BASE = [sys.executable, "-m", "splitserve"]
 
 
 class _Stopped(Exception):
     """Start-up was interrupted by a signal or a dead child; the message says which."""
 
 
+def _worker_roles(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(child name, role) of every worker to start; parser.error() on inconsistent flags."""
+    if args.aggregated:
+        if args.prefill is not None or args.decode is not None:
+            parser.error("--aggregated runs one `both` worker: it takes no --prefill/--decode")
+        roles = [("worker", "both")]
+    else:
+        counts = {"prefill": 1 if args.prefill is None else args.prefill,
+                  "decode": 1 if args.decode is None else args.decode}
+        for role, n in counts.items():
+            if n < 1:
+                parser.error(f"--{role} must be at least 1 (or use --aggregated), got {n}")
+        roles = [(f"{role}-{i}", role) for role, n in counts.items() for i in range(n)]
+    # Check the transfer flags as a worker will, so a bad value is serve's usage error
+    # rather than every child dying at start-up.
+    worker_config_from_args(parser, argparse.Namespace(
+        **{**vars(args), "role": roles[0][1], "host": "127.0.0.1", "kv_port": 0}))
+    return roles
+
+
+def _worker_argv(role: str, port_file: Path, args: argparse.Namespace, config: EngineConfig) -> list[str]:
+    """One worker child: on loopback, on free ports (the API port lands in port_file; a
+    prefill worker's KV port is reported in its /info)."""
+    kv = ["--kv-port", "0"] if role == "prefill" else []
+    return [*_BASE, "worker", "--role", role, "--host", "127.0.0.1", "--port", "0",
+            "--port-file", str(port_file), *kv, "--log-level", args.log_level,
+            *engine_argv(config), *transfer_argv(args)]
+
+
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = engine_config_from_args(parser, args)
+    roles = _worker_roles(parser, args)
     configure_logging("serve", args.log_level)
     stop = threading.Event()
 
@@ -42,22 +80,25 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    base = [sys.executable, "-m", "splitserve"]
-    common = ["--log-level", args.log_level]
+    # The secret travels in the children's environment: a command line is visible to `ps`.
+    env = None if args.kv_secret is None else {**os.environ, SECRET_ENV: args.kv_secret}
     sup = Supervisor()
     with tempfile.TemporaryDirectory(prefix="splitserve-") as tmp:
         try:
-            port_file = Path(tmp) / "worker.port"
-            sup.spawn("worker", base + ["worker", "--role", "both", "--host", "127.0.0.1",
-                                        "--port", str(args.worker_port),
-                                        "--port-file", str(port_file),
-                                        *common, *engine_argv(config)])
-            worker_url = f"http://127.0.0.1:{_wait_port_file(port_file, sup, stop)}"
-            _wait_healthy(f"{worker_url}/health", "worker", sup, stop)
+            port_files = {}
+            for name, role in roles:
+                port_files[name] = Path(tmp) / f"{name}.port"
+                sup.spawn(name, _worker_argv(role, port_files[name], args, config), env=env)
+            # All workers load their models in parallel; wait for each in turn.
+            worker_urls = []
+            for name, port_file in port_files.items():
+                url = f"http://127.0.0.1:{_wait_port_file(port_file, sup, stop)}"
+                _wait_healthy(f"{url}/health", name, sup, stop)
+                worker_urls.append(url)
             frontend_port_file = Path(tmp) / "frontend.port"
-            sup.spawn("frontend", base + ["frontend", "--host", args.host, "--port", str(args.port),
-                                          "--port-file", str(frontend_port_file),
-                                          "--worker-url", worker_url, *common])
+            sup.spawn("frontend", [*_BASE, "frontend", "--host", args.host, "--port", str(args.port),
+                                   "--port-file", str(frontend_port_file), "--log-level", args.log_level,
+                                   *(a for url in worker_urls for a in ("--worker-url", url))])
             port = _wait_port_file(frontend_port_file, sup, stop)
             _wait_healthy(f"http://{_url_host(args.host)}:{port}/health", "frontend", sup, stop)
             if args.port_file:
@@ -103,7 +144,7 @@ def _wait_port_file(path: Path, sup: Supervisor, stop: threading.Event) -> int:
 
 def _wait_healthy(url: str, name: str, sup: Supervisor, stop: threading.Event) -> None:
     """Wait (no deadline: a first model load may take minutes) until `url` answers 200."""
-    logger.info("waiting for the %s to be healthy (%s)", name, url)
+    logger.info("waiting for %s to be healthy (%s)", name, url)
     t0 = time.monotonic()
     with httpx.Client(timeout=2.0) as http:
         while not stop.wait(_POLL_S):

@@ -45,9 +45,10 @@ class Supervisor:
         self.grace_s = grace_s
         self.children: list[Child] = []
 
-    def spawn(self, name: str, argv: list[str]) -> Child:
+    def spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        """Start `argv` as child `name`; env=None: this process's environment."""
         parent = os.getpid()
-        proc = subprocess.Popen(argv, start_new_session=True,
+        proc = subprocess.Popen(argv, start_new_session=True, env=env,
                                 preexec_fn=lambda: _die_with_parent(parent))
         child = Child(name, proc)
         self.children.append(child)
