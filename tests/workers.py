@@ -19,17 +19,19 @@ from splitserve.worker import protocol as p
 
 def metric_value(url: str, name: str, **labels: str) -> float:
     """Sum of the samples named `name` whose labels include `labels`, from Prometheus text;
-    0 when a labelled counter has no such sample yet."""
+    0 when the metric is exported but has no such sample yet (a labelled counter before
+    its first event). A metric that is not exported at all is an error."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(url, timeout=10).text
-    total, seen = 0.0, False
+    total, exported = 0.0, False
     for family in text_string_to_metric_families(text):
+        names = {family.name, family.name + "_total"}
+        exported = exported or name in names or any(s.name == name for s in family.samples)
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
-                seen = True
-    if not seen and not labels:
+    if not exported:
         raise AssertionError(f"metric {name} not found at {url}")
     return total
 
