@@ -1,5 +1,5 @@
 """The frontend's side of disaggregation without any worker process: the round-robin
-policy and the health rule over fake worker records, and the retry / error mapping of a
+planner and the health rule over fake worker records, and the retry / error mapping of a
 request against workers faked with httpx.MockTransport."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from splitserve.frontend.errors import OpenAIError
 from splitserve.frontend.generation import Generation
-from splitserve.frontend.routing import Attempt, RoundRobin, unavailable_reason
+from splitserve.frontend.routing import Attempt, RoundRobinPlanner, unavailable_reason
 from splitserve.frontend.worker_client import WorkerClient
 from splitserve.frontend.workers import WorkerState, WorkerStatus
 from splitserve.metrics import FrontendMetrics
@@ -41,15 +41,15 @@ def _request() -> p.GenerateRequest:
     return p.GenerateRequest("cmpl-test", [5, 6, 7], p.Sampling(max_tokens=2, temperature=0.0))
 
 
-def _route(policy, workers):
-    return policy.route(_request(), workers)
+def _route(planner, workers):
+    return planner.route(_request(), workers)
 
 
 def test_round_robin_alternates_decode_and_prefill_and_lists_every_decode_worker():
     workers = [_worker("prefill", "p0"), _worker("prefill", "p1"), _worker("decode", "d0"),
                _worker("decode", "d1"), _worker("decode", "d2"), _worker("both", "b0")]
-    policy = RoundRobin()
-    routes = [_route(policy, workers) for _ in range(3)]
+    planner = RoundRobinPlanner()
+    routes = [_route(planner, workers) for _ in range(3)]
     # D in turn, and the remaining D after it as the fallbacks, each once.
     assert [[a.url for a in r] for r in routes] == [
         ["http://d0", "http://d1", "http://d2"], ["http://d1", "http://d2", "http://d0"],
@@ -60,15 +60,15 @@ def test_round_robin_alternates_decode_and_prefill_and_lists_every_decode_worker
 
 
 def test_without_a_usable_pair_requests_go_to_both_workers():
-    policy = RoundRobin()
+    planner = RoundRobinPlanner()
     decode_down = [_worker("prefill", "p0"), _worker("decode", "d0", WorkerState.UNREACHABLE),
                    _worker("both", "b0"), _worker("both", "b1")]
-    assert _route(policy, decode_down) == [Attempt("http://b0", None), Attempt("http://b1", None)]
-    assert _route(policy, decode_down) == [Attempt("http://b1", None), Attempt("http://b0", None)]
+    assert _route(planner, decode_down) == [Attempt("http://b0", None), Attempt("http://b1", None)]
+    assert _route(planner, decode_down) == [Attempt("http://b1", None), Attempt("http://b0", None)]
     # A prefill worker without a KV address cannot be fetched from.
     no_kv = [_worker("prefill", "p0", kv=False), _worker("decode", "d0"), _worker("both", "b0")]
-    assert _route(policy, no_kv) == [Attempt("http://b0", None)]
-    assert _route(policy, [_worker("prefill", "p0"), _worker("both", "b0", WorkerState.LOADING)]) == []
+    assert _route(planner, no_kv) == [Attempt("http://b0", None)]
+    assert _route(planner, [_worker("prefill", "p0"), _worker("both", "b0", WorkerState.LOADING)]) == []
 
 
 def test_health_needs_a_ready_pair_or_a_ready_both_worker():
@@ -152,7 +152,7 @@ def _run(tokenizer, replies):
         await client.start()
         while not all(w.ready for w in client.workers()):
             await asyncio.sleep(0.01)
-        gen = Generation(client, RoundRobin(), tokenizer, FrontendMetrics(CollectorRegistry()),
+        gen = Generation(client, RoundRobinPlanner(), tokenizer, FrontendMetrics(CollectorRegistry()),
                          _request(), [], time.monotonic())
         try:
             await gen.start()

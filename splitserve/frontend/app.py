@@ -26,7 +26,7 @@ from splitserve.frontend.generation import Generation
 from splitserve.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from splitserve.frontend.preprocess import Preprocessor
 from splitserve.frontend.responses import CHAT, COMPLETION, Shape, full_response, stream_events
-from splitserve.frontend.routing import RoundRobin, unavailable_reason
+from splitserve.frontend.routing import RoundRobinPlanner, unavailable_reason
 from splitserve.frontend.worker_client import WorkerClient
 from splitserve.metrics import FrontendMetrics
 from splitserve.worker import protocol as p
@@ -39,7 +39,7 @@ class Frontend:
 
     def __init__(self, worker_urls: list[str]):
         self.client = WorkerClient(worker_urls)
-        self.policy = RoundRobin()
+        self.planner = RoundRobinPlanner()
         self.registry = CollectorRegistry()
         self.metrics = FrontendMetrics(self.registry)
         self.tokenizer = None
@@ -162,7 +162,7 @@ def create_app(worker_urls: list[str]) -> FastAPI:
         prompt = pre.chat_prompt(body) if shape.chat else pre.completion_prompt(body)
         sampling = pre.sampling(body, len(prompt), shape.chat)
         request_id = f"{'chatcmpl' if shape.chat else 'cmpl'}-{uuid.uuid4().hex}"
-        gen = Generation(fe.client, fe.policy, fe.tokenizer, fe.metrics,
+        gen = Generation(fe.client, fe.planner, fe.tokenizer, fe.metrics,
                          p.GenerateRequest(request_id, prompt, sampling), body.stop_list(), arrival)
         await gen.start()
         if body.stream:

@@ -1,9 +1,9 @@
-"""One request's trip through the workers, as the frontend sees it: the routing policy
+"""One request's trip through the workers, as the frontend sees it: the route planner
 names the workers to try, token ids come in, text deltas go out, with incremental
 detokenization, stop strings and request metrics.
 
 A worker that cannot take the request (full, unreachable, not ready) is skipped for the
-next one the policy named. That is safe only before the worker produced anything: a
+next one the planner named. That is safe only before the worker produced anything: a
 decode worker answers its HTTP status once the prompt's KV is in place, so every
 transfer-time failure is still a status, and nothing reached the client yet.
 
@@ -23,7 +23,7 @@ import msgspec
 
 from splitserve.frontend.detokenizer import IncrementalDetokenizer
 from splitserve.frontend.errors import OpenAIError, bad_gateway, bad_request, unavailable
-from splitserve.frontend.routing import Attempt, RoutingPolicy, unavailable_reason
+from splitserve.frontend.routing import Attempt, RoutePlanner, unavailable_reason
 from splitserve.frontend.stop_strings import StopStringMatcher
 from splitserve.frontend.worker_client import (KVTransferFailed, WorkerClient, WorkerRejected,
                                                WorkerUnavailable)
@@ -42,7 +42,7 @@ class Delta:
 
 
 class Generation:
-    def __init__(self, client: WorkerClient, policy: RoutingPolicy, tokenizer,
+    def __init__(self, client: WorkerClient, planner: RoutePlanner, tokenizer,
                  metrics: FrontendMetrics, request: p.GenerateRequest, stop: list[str],
                  arrival: float):
         self.request_id = request.request_id
@@ -50,7 +50,7 @@ class Generation:
         self.num_generated_tokens = 0
         self._num_transferred_tokens = 0
         self._client = client
-        self._policy = policy
+        self._planner = planner
         self._attempt: Attempt | None = None
         self._request = request
         self._metrics = metrics
@@ -65,9 +65,9 @@ class Generation:
         """Hand the request to the first worker that takes it; raises OpenAIError (400
         invalid, 502 the KV transfer failed, 503 no worker could take it)."""
         workers = self._client.workers()
-        attempts = self._policy.route(self._request, workers)
+        attempts = self._planner.route(self._request, workers)
         if not attempts:
-            reason = unavailable_reason(workers) or "the routing policy named no worker"
+            reason = unavailable_reason(workers) or "the route planner named no worker"
             logger.warning("request_id=%s: no worker can serve it: %s", self.request_id, reason)
             raise unavailable(f"no worker can serve the request: {reason}")
         failures: list[str] = []

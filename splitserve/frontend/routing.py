@@ -5,8 +5,9 @@ a ready prefill worker P that advertises a KV address. D receives the request na
 and fetches the prompt's KV from it. Without such a pair a ready `both` worker serves it
 aggregated, as before disaggregation existed.
 
-`RoutingPolicy` is the swap point for smarter choices (a KV-aware router scores P by
-cached prefix and D by free capacity); `RoundRobin` is the default.
+`RoutePlanner` is the frontend's swap point: it turns a choice of workers into the
+ordered attempts a request makes. `RoundRobinPlanner` is the default; a planner over a
+router policy (splitserve.router: P by cached prefix, D by free capacity) replaces it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Attempt:
     prefill: p.PrefillTarget | None
 
 
-class RoutingPolicy(ABC):
+class RoutePlanner(ABC):
     @abstractmethod
     def route(self, request: p.GenerateRequest, workers: list[WorkerStatus]) -> list[Attempt]:
         """The attempts to make, in order: the caller moves to the next one only when a
@@ -49,7 +50,7 @@ def prefill_target(worker: WorkerStatus) -> p.PrefillTarget:
     return p.PrefillTarget(worker_id=worker.worker_id, kv_host=host, kv_port=port)
 
 
-class RoundRobin(RoutingPolicy):
+class RoundRobinPlanner(RoutePlanner):
     """P and D each in turn among the ready ones; on failure the remaining D in order.
     The prefill worker stays the same across attempts: a full or lost D says nothing
     about P, and D falls back on its own when P fails."""

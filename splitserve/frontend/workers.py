@@ -1,6 +1,6 @@
 """What the frontend knows about each worker: its last health state and its /info.
 
-The routing policy, the frontend's /health rule and GET /cluster all read these records;
+The route planner, the frontend's /health rule and GET /cluster all read these records;
 only the WorkerClient writes them. A worker's /info (role, id, KV address) is kept while
 the worker is down, so operators still see what it was and routing sees what is missing.
 """
