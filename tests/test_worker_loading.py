@@ -17,6 +17,7 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.frontend.app import create_app as create_frontend
 from splitserve.worker.app import create_app as create_worker
 from splitserve.worker.async_engine import AsyncEngine, EngineState
+from splitserve.worker.config import WorkerConfig
 
 
 class ThreadServer:
@@ -54,7 +55,7 @@ def test_503_with_a_reason_while_the_model_loads_then_ready(tiny_llama_dir):
         release.wait(60)
         return LLMEngine(EngineConfig(model=str(tiny_llama_dir), served_model_name="tiny", max_model_len=256))
 
-    worker = ThreadServer(create_worker(AsyncEngine(slow_load, fatal.append), "both"))
+    worker = ThreadServer(create_worker(AsyncEngine(slow_load, fatal.append), WorkerConfig(), "both-0"))
     frontend = ThreadServer(create_frontend([worker.url]))
     try:
         r = httpx.get(f"{worker.url}/health")
