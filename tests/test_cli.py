@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 from live_server import child_pids, pid_alive, start_serve
@@ -124,3 +125,25 @@ def test_serve_supervision_aggregated(tiny_llama_dir, tmp_path):
     srv.process.kill()
     srv.process.wait()
     assert _wait_gone(children) == []
+
+
+def test_serve_supervises_every_worker_and_hands_them_the_secret_privately(tiny_llama_dir, tmp_path):
+    srv = start_serve(tiny_llama_dir, tmp_path, "--kv-secret", "s3cret")
+    cmdlines = {pid: open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+                for pid in child_pids(srv.process.pid)}
+    roles = {pid: argv[argv.index(b"--role") + 1].decode() for pid, argv in cmdlines.items()
+             if b"--role" in argv}
+    assert sorted(roles.values()) == ["decode", "prefill"] and len(cmdlines) == 3
+    for pid in roles:  # on no command line, in every worker's environment
+        assert b"s3cret" not in b" ".join(cmdlines[pid])
+        assert b"SPLITSERVE_KV_SECRET=s3cret" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    # Both workers hold the same secret: a request's KV transfer authenticates.
+    r = httpx.post(f"{srv.base_url}/v1/completions", timeout=60,
+                   json={"prompt": "hello", "max_tokens": 3, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+    decode = next(pid for pid, role in roles.items() if role == "decode")
+    subprocess.run(["kill", "-KILL", str(decode)], check=True)
+    assert srv.process.wait(30) == 1
+    assert f"decode-0 (pid {decode}) exited with code -9; stopping everything" in srv.log()
+    assert _wait_gone(list(cmdlines)) == []
