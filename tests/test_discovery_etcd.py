@@ -3,6 +3,7 @@ worker lives are granted again, watches and keep-alives survive an etcd restart,
 malformed keys under the prefix do not break a frontend."""
 
 import asyncio
+import socket
 import time
 import uuid
 
@@ -10,7 +11,7 @@ import aetcd
 import pytest
 
 from etcd_server import EtcdServer
-from splitserve.discovery import EtcdDiscovery, EtcdDiscoveryConfig
+from splitserve.discovery import DiscoveryError, EtcdDiscovery, EtcdDiscoveryConfig
 from test_discovery_backends import MARGIN_S, Watcher, listed_ids, record
 
 TTL_S = 2
@@ -100,3 +101,25 @@ def test_malformed_keys_under_the_prefix_are_ignored(etcd, config):
             assert await frontend.list() == []
 
     asyncio.run(main())
+
+
+def test_unreachable_etcd_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]      # bound, never listening: connections are refused
+        config = EtcdDiscoveryConfig(host="127.0.0.1", port=port, ttl_s=TTL_S, rpc_timeout_s=2)
+
+        async def main():
+            async with EtcdDiscovery(config) as d:
+                with pytest.raises(DiscoveryError, match=f"cannot register worker 'p0' in etcd at 127.0.0.1:{port}"):
+                    await d.register(record("p0"))
+                with pytest.raises(DiscoveryError, match="cannot list workers in etcd"):
+                    await d.list()
+
+        asyncio.run(main())
+
+
+def test_missing_etcd_binary_fails_with_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="etcd is not installed.*make etcd"):
+        EtcdServer()

@@ -95,7 +95,9 @@ class EtcdDiscovery(Discovery):
             try:
                 await self._grant_and_put(record)
             except _ETCD_ERRORS as e:
+                # A lease granted before the failure lapses on its own.
                 del self._own[record.worker_id]
+                self._leases.pop(record.worker_id, None)
                 raise DiscoveryError(
                     f"cannot register worker {record.worker_id!r} in etcd at "
                     f"{self.config.host}:{self.config.port}: {e}") from e
@@ -108,7 +110,8 @@ class EtcdDiscovery(Discovery):
         async with self._lock:
             if record.worker_id not in self._own:
                 raise DiscoveryError(f"update of unregistered worker {record.worker_id!r}")
-            # Kept even if the write fails: the keep-alive re-registers with the latest.
+            # Kept even if the write fails: the next update, or a re-registration after
+            # the lease lapsed, publishes the latest record.
             self._own[record.worker_id] = record
             try:
                 await self._put(record, self._leases[record.worker_id])
