@@ -3,11 +3,18 @@
 Only integer block ids live here; the KV tensor itself belongs to the model runner.
 A block with ref_cnt 0 sits in the free queue; if it also has a hash it is a cached block
 that can be revived by a prefix hit until it is reallocated (LRU eviction).
+
+Every change to the prefix-cache map is also recorded as a KV cache event (stored,
+removed, all cleared), for routers that mirror which prefixes this engine holds.
+NOTE: the events, replayed in order, give exactly the key set of `_cached`: the hashes a
+prefix lookup can hit. They are recorded at the mutation itself, nowhere else.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+from splitserve.router.events import AllCleared, BlockRemoved, BlockStored, KVEvent
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -26,6 +33,10 @@ class BlockPool:
         # NOTE: insertion order is eviction order: the head is the least recently freed.
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}   # block hash -> block id
+        # hash -> the hash of the block before it in its sequence (None for a first block),
+        # kept only while the hash is cached: lets snapshot() list blocks in chain order.
+        self._parent: dict[int, int | None] = {}
+        self._events: list[KVEvent] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -53,16 +64,21 @@ class BlockPool:
         if n > len(self._free):
             raise NoFreeBlocksError(f"asked for {n} blocks, {len(self._free)} free")
         out = []
+        evicted = []
         for _ in range(n):
             b, _ = self._free.popitem(last=False)
             h = self.block_hash[b]
             if h is not None:
                 # Evicting a cached block: its content is about to be overwritten.
-                if self._cached.get(h) == b:
-                    del self._cached[h]
+                # NOTE: block_hash is set only on the canonical block of a hash (cache()).
+                del self._cached[h]
+                del self._parent[h]
+                evicted.append(h)
                 self.block_hash[b] = None
             self.ref_cnt[b] = 1
             out.append(b)
+        if evicted:
+            self._events.append(BlockRemoved(evicted))
         return out
 
     def free(self, block_ids) -> None:
@@ -80,22 +96,72 @@ class BlockPool:
                 else:
                     self._free[b] = None
 
-    def cache(self, block_id: int, block_hash: int) -> None:
-        """Register a full, computed block under its chained hash. If another block already
-        holds the same content the first one stays canonical."""
-        if not self.enable_caching or self.block_hash[block_id] is not None:
+    def cache(self, block_ids: list[int], block_hashes: list[int], parent_hash: int | None) -> None:
+        """Register a run of consecutive full, computed blocks of one sequence under their
+        chained hashes; parent_hash is the hash of the block before the run (None at the
+        start of a sequence). If another block already holds the same content the first
+        one stays canonical, and no event is recorded for the duplicate."""
+        if not self.enable_caching:
             return
-        if block_hash in self._cached:
-            return
-        self.block_hash[block_id] = block_hash
-        self._cached[block_hash] = block_id
+        run: list[int] = []
+        run_parent = parent_hash
+        parent = parent_hash
+        for b, h in zip(block_ids, block_hashes):
+            if self.block_hash[b] is None and h not in self._cached:
+                self.block_hash[b] = h
+                self._cached[h] = b
+                self._parent[h] = parent
+                run.append(h)
+            elif run:
+                # A gap: the next stored run continues from a block stored earlier.
+                self._events.append(BlockStored(run, run_parent))
+                run = []
+            if not run:
+                run_parent = h
+            parent = h
+        if run:
+            self._events.append(BlockStored(run, run_parent))
 
     def reset_prefix_cache(self) -> int:
-        """Forget every cached hash of unreferenced blocks; returns how many were dropped."""
-        dropped = 0
+        """Forget every cached hash of unreferenced blocks; returns how many were dropped.
+        Blocks still referenced keep their hashes (their requests may extend them)."""
+        dropped = []
         for h, b in list(self._cached.items()):
             if self.ref_cnt[b] == 0:
                 del self._cached[h]
+                del self._parent[h]
                 self.block_hash[b] = None
-                dropped += 1
-        return dropped
+                dropped.append(h)
+        if not self._cached:
+            self._events.append(AllCleared())
+        elif dropped:
+            self._events.append(BlockRemoved(dropped))
+        return len(dropped)
+
+    def drain_events(self) -> list[KVEvent]:
+        """The events recorded since the last drain, oldest first."""
+        events, self._events = self._events, []
+        return events
+
+    def snapshot(self) -> list[KVEvent]:
+        """Events that rebuild the current prefix cache from nothing: AllCleared, then the
+        cached blocks as BlockStored runs in chain order (a parent before its children)."""
+        events: list[KVEvent] = [AllCleared()]
+        emitted: set[int] = set()
+        for start in self._cached:
+            # Insertion order is chain order except where an evicted parent was cached
+            # again after its child: walk up to the first ancestor not yet emitted.
+            chain = []
+            h = start
+            while h in self._cached and h not in emitted:
+                chain.append(h)
+                h = self._parent[h]
+            for h in reversed(chain):
+                emitted.add(h)
+                parent = self._parent[h]
+                last = events[-1]
+                if isinstance(last, BlockStored) and last.block_hashes[-1] == parent:
+                    last.block_hashes.append(h)
+                else:
+                    events.append(BlockStored([h], parent))
+        return events

@@ -92,9 +92,8 @@ class KVCacheManager:
         start = self._num_cached_blocks.get(req.request_id, 0)
         if num_full <= start:
             return
-        extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size)
-        for i in range(start, num_full):
-            self.pool.cache(table[i], req.block_hashes[i])
+        hashes = extend_block_hashes(req.block_hashes, req.all_token_ids, self.block_size)
+        self.pool.cache(table[start:num_full], hashes[start:num_full], hashes[start - 1] if start else None)
         self._num_cached_blocks[req.request_id] = num_full
 
     def free(self, req: Request) -> None:

@@ -17,6 +17,7 @@ from splitserve.engine.types import EngineStats, FinishReason, KVProgress, Reque
 from splitserve.model.config import ModelArchConfig
 from splitserve.model.loader import load_model
 from splitserve.model.registry import DEFAULT_MODEL_NAME, resolve_model
+from splitserve.router.events import KVEvent
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,18 @@ class LLMEngine:
         return kv_fingerprint(self.runner.kv, **self.arch.fingerprint(), config_sha256=config_hash,
                               tensor_parallel=1)
 
+    def drain_kv_events(self) -> list[KVEvent]:
+        """The prefix cache's changes (blocks stored, removed, all cleared) since the last
+        call, oldest first. Callers drain after every step and command, so the list stays
+        short; nothing else reads it."""
+        return self.kv_manager.pool.drain_events()
+
+    def kv_cache_snapshot(self) -> list[KVEvent]:
+        """Events that rebuild the current prefix cache from nothing (AllCleared, then
+        every cached block in chain order): what a new subscriber starts from. Take it
+        right after drain_kv_events() so that the two views meet exactly."""
+        return self.kv_manager.pool.snapshot()
+
     def stats(self) -> EngineStats:
         kv = self.kv_manager
         return EngineStats(
@@ -237,6 +250,9 @@ class LLMEngine:
             kv_blocks_in_use=kv.num_used_blocks, kv_blocks_total=kv.num_blocks,
             prefix_cache_queries_tokens=kv.prefix_queries_tokens,
             prefix_cache_hits_tokens=kv.prefix_hits_tokens,
+            num_pending_prefill_tokens=sum(
+                max(r.num_prompt_tokens - r.num_computed_tokens, 0)
+                for r in (*self.scheduler.waiting, *self.scheduler.running)),
             num_preemptions=self.scheduler.num_preemptions,
             num_reserved_requests=sum(r.status is RequestStatus.RESERVED for r in self._requests.values()),
             num_held_requests=sum(r.hold and r.status is RequestStatus.FINISHED for r in self._requests.values()))

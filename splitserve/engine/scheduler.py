@@ -126,7 +126,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
         self.num_preemptions += 1
-        logger.info("request %s preempted (recompute %d tokens later)", req.request_id, req.num_tokens)
+        logger.info("request_id=%s preempted (recompute %d tokens later)", req.request_id, req.num_tokens)
 
     def finish(self, req: Request, free_blocks: bool = True) -> None:
         """Remove a request from whichever queue holds it; release its blocks unless a

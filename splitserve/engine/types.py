@@ -76,6 +76,7 @@ class RequestOutput:
 class EngineStats:
     num_requests_running: int = 0
     num_requests_waiting: int = 0
+    num_pending_prefill_tokens: int = 0     # prompt tokens admitted, not yet computed
     kv_blocks_in_use: int = 0
     kv_blocks_total: int = 0
     prefix_cache_queries_tokens: int = 0
