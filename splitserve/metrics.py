@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -23,6 +23,10 @@ INTER_TOKEN_LATENCY_SECONDS = "splitserve_inter_token_latency_seconds"
 E2E_REQUEST_LATENCY_SECONDS = "splitserve_e2e_request_latency_seconds"
 PROMPT_TOKENS_TOTAL = "splitserve_prompt_tokens_total"
 GENERATION_TOKENS_TOTAL = "splitserve_generation_tokens_total"
+ROUTER_DECISIONS_TOTAL = "splitserve_router_decisions_total"
+ROUTER_OVERLAP_BLOCKS = "splitserve_router_overlap_blocks"
+REQUESTS_MIGRATED_TOTAL = "splitserve_requests_migrated_total"
+WORKERS = "splitserve_workers"
 
 # --- worker (read from the engine's stats at scrape time) --------------------------------
 NUM_REQUESTS_RUNNING = "splitserve_num_requests_running"
@@ -42,6 +46,10 @@ KV_TRANSFER_CHECKSUM_FAILURES_TOTAL = "splitserve_kv_transfer_checksum_failures_
 KV_TRANSFER_FALLBACKS_TOTAL = "splitserve_kv_transfer_fallbacks_total"
 KV_LEASE_EXPIRED_TOTAL = "splitserve_kv_lease_expired_total"
 KV_BLOCKS_PINNED = "splitserve_kv_blocks_pinned"
+
+# Prompt blocks already cached on the chosen prefill worker: 0 (a miss) up to a 131k-token
+# prompt's 8192 blocks of 16 tokens.
+_OVERLAP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 # Latency buckets span a fast CPU decode step (ms) to a long-context prefill (minutes).
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -68,6 +76,31 @@ class FrontendMetrics:
             PROMPT_TOKENS_TOTAL, "Prompt tokens of accepted requests", registry=registry)
         self.generation_tokens = Counter(
             GENERATION_TOKENS_TOTAL, "Generated tokens", registry=registry)
+        self.router_decisions = Counter(
+            ROUTER_DECISIONS_TOTAL, "Workers chosen by the router, by policy and by the role "
+            "the worker was chosen for (prefill, decode, both)", ["policy", "role"],
+            registry=registry)
+        self.router_overlap_blocks = Histogram(
+            ROUTER_OVERLAP_BLOCKS, "Prompt KV blocks already cached on the worker chosen to "
+            "compute the prompt (kv policy; 0 for the others)", buckets=_OVERLAP_BUCKETS,
+            registry=registry)
+        self.requests_migrated = Counter(
+            REQUESTS_MIGRATED_TOTAL, "Requests moved to another decode worker mid-stream "
+            "because theirs was lost (one count per move)", registry=registry)
+        self._worker_labels: set[tuple[str, str]] = set()
+        self.workers = Gauge(
+            WORKERS, "Workers the frontend knows, by role and state (ready, loading, failed, "
+            "unreachable)", ["role", "state"], registry=registry)
+
+    def set_workers(self, counts: dict[tuple[str, str], int]) -> None:
+        """Replace the worker gauge with `counts` ((role, state) -> workers). Every label set
+        seen before stays exported (at 0 if now empty), so a dashboard sees a drop to zero
+        rather than a series that vanished."""
+        for labels in list(self._worker_labels):
+            self.workers.labels(*labels).set(counts.get(labels, 0))
+        for labels, n in counts.items():
+            self._worker_labels.add(labels)
+            self.workers.labels(*labels).set(n)
 
 
 class EngineStatsCollector(Collector):

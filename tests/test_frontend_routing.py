@@ -1,6 +1,6 @@
-"""The frontend's side of disaggregation without any worker process: the round-robin
-planner and the health rule over fake worker records, and the retry / error mapping of a
-request against workers faked with httpx.MockTransport."""
+"""The frontend's side of disaggregation without any worker process: the route planner
+(round-robin policy) and the health rule over fake worker records, and the retry / error
+mapping of a request against workers faked with httpx.MockTransport."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ from transformers import AutoTokenizer
 
 from splitserve.frontend.errors import OpenAIError
 from splitserve.frontend.generation import Generation
-from splitserve.frontend.routing import Attempt, RoundRobinPlanner, unavailable_reason
+from splitserve.discovery import StaticDiscovery, StaticDiscoveryConfig, WorkerRecord
+from splitserve.frontend.routing import RoutePlanner, unavailable_reason
 from splitserve.frontend.worker_client import WorkerClient
 from splitserve.frontend.workers import WorkerState, WorkerStatus
 from splitserve.metrics import FrontendMetrics
+from splitserve.router import KVIndex, RoundRobinPolicy
 from splitserve.worker import protocol as p
 
 
@@ -45,14 +47,22 @@ def _route(planner, workers):
     return planner.route(_request(), workers)
 
 
+def _planner() -> RoutePlanner:
+    return RoutePlanner(RoundRobinPolicy(), KVIndex(16), FrontendMetrics(CollectorRegistry()))
+
+
+def _static(urls: list[str]) -> StaticDiscovery:
+    return StaticDiscovery(StaticDiscoveryConfig(tuple(urls)))
+
+
 def test_round_robin_alternates_decode_and_prefill_and_lists_every_decode_worker():
     workers = [_worker("prefill", "p0"), _worker("prefill", "p1"), _worker("decode", "d0"),
                _worker("decode", "d1"), _worker("decode", "d2"), _worker("both", "b0")]
-    planner = RoundRobinPlanner()
+    planner = _planner()
     routes = [_route(planner, workers) for _ in range(3)]
-    # D in turn, and the remaining D after it as the fallbacks, each once.
+    # D in turn, and the other D by id as the fallbacks, each once.
     assert [[a.url for a in r] for r in routes] == [
-        ["http://d0", "http://d1", "http://d2"], ["http://d1", "http://d2", "http://d0"],
+        ["http://d0", "http://d1", "http://d2"], ["http://d1", "http://d0", "http://d2"],
         ["http://d2", "http://d0", "http://d1"]]
     # P in turn, the same P for every attempt of one request.
     assert [{a.prefill.worker_id for a in r} for r in routes] == [{"p0"}, {"p1"}, {"p0"}]
@@ -60,14 +70,18 @@ def test_round_robin_alternates_decode_and_prefill_and_lists_every_decode_worker
 
 
 def test_without_a_usable_pair_requests_go_to_both_workers():
-    planner = RoundRobinPlanner()
+    planner = _planner()
     decode_down = [_worker("prefill", "p0"), _worker("decode", "d0", WorkerState.UNREACHABLE),
                    _worker("both", "b0"), _worker("both", "b1")]
-    assert _route(planner, decode_down) == [Attempt("http://b0", None), Attempt("http://b1", None)]
-    assert _route(planner, decode_down) == [Attempt("http://b1", None), Attempt("http://b0", None)]
+
+    def targets(route):
+        return [(a.url, a.prefill) for a in route]
+
+    assert targets(_route(planner, decode_down)) == [("http://b0", None), ("http://b1", None)]
+    assert targets(_route(planner, decode_down)) == [("http://b1", None), ("http://b0", None)]
     # A prefill worker without a KV address cannot be fetched from.
     no_kv = [_worker("prefill", "p0", kv=False), _worker("decode", "d0"), _worker("both", "b0")]
-    assert _route(planner, no_kv) == [Attempt("http://b0", None)]
+    assert targets(_route(planner, no_kv)) == [("http://b0", None)]
     assert _route(planner, [_worker("prefill", "p0"), _worker("both", "b0", WorkerState.LOADING)]) == []
 
 
@@ -91,8 +105,23 @@ def test_cluster_entry_names_role_addresses_state_and_last_healthy():
     assert p0.to_json() == {
         "id": "p0", "role": "prefill", "api_url": "http://p0", "metrics_url": "http://p0/metrics",
         "kv_address": "127.0.0.1:7002", "state": "ready", "reason": None,
-        "last_healthy": p0.last_healthy}
+        "last_healthy": p0.last_healthy, "load": None, "kv_usage": None, "last_heartbeat": None}
     assert p0.last_healthy >= before
+    # With a discovery record: its load, KV usage and heartbeat; 'draining' is not routable.
+    p0.record = WorkerRecord(worker_id="p0", role="prefill", api_url="http://p0",
+                             metrics_url="http://p0:9/metrics", model_name="tiny", state="draining",
+                             num_requests_running=2, num_requests_waiting=1,
+                             num_pending_prefill_tokens=300, kv_blocks_in_use=25,
+                             kv_blocks_total=100, last_heartbeat=1234.5)
+    entry = p0.to_json()
+    assert {k: entry[k] for k in ("metrics_url", "state", "reason", "load", "kv_usage",
+                                  "last_heartbeat")} == {
+        "metrics_url": "http://p0:9/metrics", "state": "draining",
+        "reason": "its discovery record says draining",
+        "load": {"running": 2, "waiting": 1, "pending_prefill_tokens": 300},
+        "kv_usage": {"blocks_in_use": 25, "blocks_total": 100, "fraction": 0.25},
+        "last_heartbeat": 1234.5}
+    assert not p0.ready and p0.load().num_requests == 3
     d0 = _worker("decode", "d0", WorkerState.UNREACHABLE)
     entry = d0.to_json()
     assert (entry["kv_address"], entry["state"]) == (None, "unreachable")
@@ -147,12 +176,12 @@ def _run(tokenizer, replies):
 
     async def main():
         # One poll round (the next one is a minute away) makes every worker ready.
-        client = WorkerClient([f"http://{h}" for h in fake.roles], poll_interval_s=60,
+        client = WorkerClient(_static([f"http://{h}:1" for h in fake.roles]), poll_interval_s=60,
                               transport=httpx.MockTransport(fake))
         await client.start()
-        while not all(w.ready for w in client.workers()):
+        while len(client.workers()) < len(fake.roles) or not all(w.ready for w in client.workers()):
             await asyncio.sleep(0.01)
-        gen = Generation(client, RoundRobinPlanner(), tokenizer, FrontendMetrics(CollectorRegistry()),
+        gen = Generation(client, _planner(), tokenizer, FrontendMetrics(CollectorRegistry()),
                          _request(), [], time.monotonic())
         try:
             await gen.start()
@@ -181,8 +210,8 @@ def test_an_unreachable_decode_worker_is_skipped(tokenizer):
 def test_when_every_decode_worker_is_full_the_client_gets_503_with_the_reasons(tokenizer):
     fake, err = _run(tokenizer, {"d0": FULL, "d1": FULL})
     assert isinstance(err, OpenAIError) and err.status == 503
-    assert err.message == ("no worker could take the request: worker http://d0 is full: no room "
-                           "for 3 tokens; worker http://d1 is full: no room for 3 tokens")
+    assert err.message == ("no worker could take the request: worker http://d0:1 is full: no room "
+                           "for 3 tokens; worker http://d1:1 is full: no room for 3 tokens")
     assert err.body()["error"]["type"] == "ServiceUnavailableError"
 
 
@@ -215,7 +244,7 @@ def test_polling_learns_roles_and_states(tokenizer):
         return httpx.Response(200, content=p.encode(infos[host] if path == "/info" else p.WorkerHealth("ok")))
 
     async def main():
-        client = WorkerClient(["http://p0", "http://d0", "http://slow", "http://gone"],
+        client = WorkerClient(_static(["http://p0:1", "http://d0:1", "http://slow:1", "http://gone:1"]),
                               poll_interval_s=0.01, transport=httpx.MockTransport(handler))
         await client.start()
         await asyncio.wait_for(client.first_ready.wait(), 5)
@@ -225,7 +254,7 @@ def test_polling_learns_roles_and_states(tokenizer):
         return {w.url: (w.role, w.state, w.reason) for w in client.workers()}
 
     assert asyncio.run(main()) == {
-        "http://p0": ("prefill", WorkerState.READY, None),
-        "http://d0": ("decode", WorkerState.READY, None),
-        "http://slow": (None, WorkerState.LOADING, "the model is loading"),
-        "http://gone": (None, WorkerState.UNREACHABLE, "unreachable: ConnectError('connection refused')")}
+        "http://p0:1": ("prefill", WorkerState.READY, None),
+        "http://d0:1": ("decode", WorkerState.READY, None),
+        "http://slow:1": (None, WorkerState.LOADING, "the model is loading"),
+        "http://gone:1": (None, WorkerState.UNREACHABLE, "unreachable: ConnectError('connection refused')")}

@@ -1,10 +1,12 @@
 """The OpenAI-compatible frontend: /v1/chat/completions, /v1/completions, /v1/models,
 /live, /health, /metrics, and GET /cluster (the workers as the frontend sees them).
 
-It serves whatever model its workers serve: the model name, max_model_len and the
-tokenizer's directory come from a ready worker's /info. Until a request can be served
-(a ready prefill+decode pair or a ready `both` worker, see routing.py) every API call
-answers 503 with the reason, and /health says why.
+Its workers come from discovery (a static list for `--worker-url`). It serves whatever
+model they serve: the model name, max_model_len, block size and the tokenizer's
+directory come from the first ready worker's /info; the router (policy, KV index fed by
+the workers' KV events) is built then. Until a request can be served (a ready
+prefill+decode pair or a ready `both` worker, see routing.py) every API call answers 503
+with the reason, and /health says why.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -21,35 +22,54 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
 
+from splitserve.discovery.base import Discovery
+from splitserve.frontend.config import FrontendConfig
 from splitserve.frontend.errors import OpenAIError, bad_request, unavailable
 from splitserve.frontend.generation import Generation
+from splitserve.frontend.kv_events import KVEventFeed
 from splitserve.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from splitserve.frontend.preprocess import Preprocessor
+from splitserve.frontend.request_ids import RequestIdMiddleware
 from splitserve.frontend.responses import CHAT, COMPLETION, Shape, full_response, stream_events
-from splitserve.frontend.routing import RoundRobinPlanner, unavailable_reason
+from splitserve.frontend.routing import RoutePlanner, unavailable_reason
 from splitserve.frontend.worker_client import WorkerClient
+from splitserve.frontend.workers import WorkerStatus
 from splitserve.metrics import FrontendMetrics
+from splitserve.router import KVIndex, make_policy
 from splitserve.worker import protocol as p
 
 logger = logging.getLogger(__name__)
 
 
 class Frontend:
-    """State shared by the routes: the workers, the tokenizer once known, the metrics."""
+    """State shared by the routes: the workers, the router and tokenizer once the model is
+    known, the metrics."""
 
-    def __init__(self, worker_urls: list[str]):
-        self.client = WorkerClient(worker_urls)
-        self.planner = RoundRobinPlanner()
+    def __init__(self, discovery: Discovery, config: FrontendConfig):
+        self.config = config
+        self.client = WorkerClient(discovery, config.poll_interval_s, on_change=self._workers_changed)
         self.registry = CollectorRegistry()
         self.metrics = FrontendMetrics(self.registry)
+        self.planner: RoutePlanner | None = None
+        self.kv_feed: KVEventFeed | None = None
         self.tokenizer = None
         self.preprocessor: Preprocessor | None = None
         self.info: p.WorkerInfo | None = None
         self.tokenizer_error: str | None = None
 
-    async def load_tokenizer(self) -> None:
+    def _workers_changed(self, workers: list[WorkerStatus]) -> None:
+        if self.kv_feed is not None:
+            self.kv_feed.sync(workers)
+
+    async def load_model_info(self) -> None:
         await self.client.first_ready.wait()
         info = self.client.info()
+        # KV events and the index name blocks by the engine's chained hashes over blocks
+        # of the workers' block size, which only a worker can say.
+        index = KVIndex(info.block_size)
+        self.planner = RoutePlanner(make_policy(self.config.router, index), index, self.metrics)
+        self.kv_feed = KVEventFeed(self.client.http, index)
+        self.kv_feed.sync(self.client.workers())
         try:
             from transformers import AutoTokenizer  # slow import: keep /live fast at start-up
             tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, info.model_dir)
@@ -59,7 +79,20 @@ class Frontend:
             return
         self.tokenizer, self.info = tok, info
         self.preprocessor = Preprocessor(tok, info.max_model_len)
-        logger.info("serving model %s (max_model_len %d)", info.model_name, info.max_model_len)
+        logger.info("serving model %s (max_model_len %d, block size %d), router %s",
+                    info.model_name, info.max_model_len, info.block_size, self.config.router.policy)
+
+    async def close(self) -> None:
+        if self.kv_feed is not None:
+            await self.kv_feed.close()
+        await self.client.close()
+
+    def count_workers(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for w in self.client.workers():
+            key = (w.role or "unknown", w.state_name)
+            counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def unavailable_reason(self) -> str | None:
         if self.tokenizer_error:
@@ -91,18 +124,19 @@ async def _parse(request: Request, model_cls: type[BaseModel]):
         raise bad_request(f"invalid value for '{param}': {err['msg']}", param) from e
 
 
-def create_app(worker_urls: list[str]) -> FastAPI:
-    fe = Frontend(worker_urls)
+def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> FastAPI:
+    fe = Frontend(discovery, config or FrontendConfig())
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         await fe.client.start()
-        loader = asyncio.create_task(fe.load_tokenizer())
+        loader = asyncio.create_task(fe.load_model_info())
         yield
         loader.cancel()
-        await fe.client.close()
+        await fe.close()
 
     app = FastAPI(title="splitserve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(RequestIdMiddleware)
     app.state.frontend = fe
 
     @app.exception_handler(OpenAIError)
@@ -123,13 +157,15 @@ def create_app(worker_urls: list[str]) -> FastAPI:
 
     @app.get("/cluster")
     async def cluster() -> Response:
-        # For operators and tools: every configured worker, ready or not, and why not.
+        # For operators and tools: every discovered worker, ready or not, and why not.
         reason = fe.unavailable_reason()
         return JSONResponse({"status": "ok" if reason is None else "unavailable", "reason": reason,
+                             "router": fe.config.router.policy,
                              "workers": [w.to_json() for w in fe.client.workers()]})
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        fe.metrics.set_workers(fe.count_workers())
         return Response(generate_latest(fe.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -161,9 +197,10 @@ def create_app(worker_urls: list[str]) -> FastAPI:
             raise bad_request(f"n must be 1: one choice per request is supported (got n={body.n})", "n")
         prompt = pre.chat_prompt(body) if shape.chat else pre.completion_prompt(body)
         sampling = pre.sampling(body, len(prompt), shape.chat)
-        request_id = f"{'chatcmpl' if shape.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        request_id = request.state.request_id
         gen = Generation(fe.client, fe.planner, fe.tokenizer, fe.metrics,
-                         p.GenerateRequest(request_id, prompt, sampling), body.stop_list(), arrival)
+                         p.GenerateRequest(request_id, prompt, sampling), body.stop_list(), arrival,
+                         fe.config.migration_limit)
         await gen.start()
         if body.stream:
             return StreamingResponse(stream_events(shape, gen, info.model_name, body.include_usage),

@@ -7,6 +7,14 @@ next one the planner named. That is safe only before the worker produced anythin
 decode worker answers its HTTP status once the prompt's KV is in place, so every
 transfer-time failure is still a status, and nothing reached the client yet.
 
+A worker lost after tokens flowed (its stream broke, or ended without a finish reason)
+is replaced by *migration*: the request is re-sent, routed afresh, as prompt + every
+token generated so far, with max_tokens reduced by that many and the same sampling. The
+detokenizer, stop strings and counts live here, not in the worker, so the client sees
+one uninterrupted stream and usage counts the original prompt and all generated tokens.
+Greedy output is identical to an undisturbed run; a seeded sampled one is not (the
+new worker's generator restarts from the seed).
+
 Leaving `deltas()` early (stop string hit, client gone) closes the worker stream, which
 aborts the request in the worker and frees its KV blocks.
 """
@@ -25,8 +33,8 @@ from splitserve.frontend.detokenizer import IncrementalDetokenizer
 from splitserve.frontend.errors import OpenAIError, bad_gateway, bad_request, unavailable
 from splitserve.frontend.routing import Attempt, RoutePlanner, unavailable_reason
 from splitserve.frontend.stop_strings import StopStringMatcher
-from splitserve.frontend.worker_client import (KVTransferFailed, WorkerClient, WorkerRejected,
-                                               WorkerUnavailable)
+from splitserve.frontend.worker_client import (KVTransferFailed, WorkerClient, WorkerLost,
+                                               WorkerRejected, WorkerUnavailable)
 from splitserve.metrics import FrontendMetrics
 from splitserve.worker import protocol as p
 
@@ -44,15 +52,18 @@ class Delta:
 class Generation:
     def __init__(self, client: WorkerClient, planner: RoutePlanner, tokenizer,
                  metrics: FrontendMetrics, request: p.GenerateRequest, stop: list[str],
-                 arrival: float):
+                 arrival: float, migration_limit: int = 3):
         self.request_id = request.request_id
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_generated_tokens = 0
+        self.num_migrations = 0
+        self._generated: list[int] = []
         self._num_transferred_tokens = 0
         self._client = client
         self._planner = planner
         self._attempt: Attempt | None = None
         self._request = request
+        self._migration_limit = migration_limit
         self._metrics = metrics
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stop = StopStringMatcher(stop)
@@ -64,18 +75,22 @@ class Generation:
     async def start(self) -> None:
         """Hand the request to the first worker that takes it; raises OpenAIError (400
         invalid, 502 the KV transfer failed, 503 no worker could take it)."""
+        await self._send(self._request)
+        self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
+
+    async def _send(self, request: p.GenerateRequest) -> None:
         workers = self._client.workers()
-        attempts = self._planner.route(self._request, workers)
+        attempts = self._planner.route(request, workers)
         if not attempts:
             reason = unavailable_reason(workers) or "the route planner named no worker"
             logger.warning("request_id=%s: no worker can serve it: %s", self.request_id, reason)
             raise unavailable(f"no worker can serve the request: {reason}")
         failures: list[str] = []
         for attempt in attempts:
-            request = msgspec.structs.replace(self._request, prefill=attempt.prefill)
+            sent = msgspec.structs.replace(request, prefill=attempt.prefill)
             try:
                 self._chunks = await self._resources.enter_async_context(
-                    self._client.stream(attempt.url, request))
+                    self._client.stream(attempt.url, sent))
             except WorkerUnavailable as e:
                 logger.warning("request_id=%s not taken: %s", self.request_id, e)
                 failures.append(str(e))
@@ -87,11 +102,11 @@ class Generation:
                                attempt.url, e)
                 raise bad_gateway(f"the prompt's KV cache could not be transferred: {e}") from e
             self._attempt = attempt
-            self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
+            self._planner.sent(self.request_id, attempt, len(request.prompt_token_ids))
             via = "" if attempt.prefill is None else f" (KV from prefill worker {attempt.prefill.worker_id})"
             logger.info("request_id=%s sent to %s%s: %d prompt tokens, max_tokens=%d",
-                        self.request_id, attempt.url, via, self.num_prompt_tokens,
-                        self._request.sampling.max_tokens)
+                        self.request_id, attempt.url, via, len(request.prompt_token_ids),
+                        request.sampling.max_tokens)
             return
         raise unavailable(f"no worker could take the request: {'; '.join(failures)}")
 
@@ -99,27 +114,20 @@ class Generation:
         """Text deltas; the last one carries the finish reason. Call start() first."""
         status = CLIENT_GONE
         try:
-            async for chunk in self._chunks:
-                if chunk.error is not None:
-                    raise unavailable(f"the worker failed this request: {chunk.error}")
-                self._observe_tokens(len(chunk.new_token_ids))
-                text = self._stop.feed(self._detok.push(chunk.new_token_ids))
-                reason = None
-                if chunk.finish_reason is not None:
-                    text += self._stop.feed(self._detok.flush()) + self._stop.flush()
-                    reason = chunk.finish_reason
-                    self._num_transferred_tokens = chunk.num_transferred_tokens
-                if self._stop.stopped:
-                    reason = "stop"
-                if text or reason:
-                    yield Delta(text, reason)
-                if reason is not None:
-                    status = "200"
-                    return
-            raise unavailable("the worker closed the stream before the request finished")
-        except WorkerUnavailable as e:
-            status = "503"
-            raise unavailable(str(e)) from e
+            while True:
+                try:
+                    async for delta in self._stream():
+                        yield delta
+                        if delta.finish_reason is not None:
+                            status = "200"
+                            return
+                    raise WorkerLost(f"worker {self._attempt.url} closed the stream before the "
+                                     "request finished")
+                except WorkerLost as e:
+                    if (delta := await self._migrate(e)) is not None:
+                        yield delta
+                        status = "200"
+                        return
         except OpenAIError as e:
             status = str(e.status)
             raise
@@ -131,19 +139,74 @@ class Generation:
             finally:
                 self._finish(status)
 
-    def _observe_tokens(self, n: int) -> None:
-        if n == 0:
+    async def _stream(self) -> AsyncIterator[Delta]:
+        """The deltas of the current worker's stream; ends early only at a finish."""
+        async for chunk in self._chunks:
+            if chunk.error is not None:
+                raise unavailable(f"the worker failed this request: {chunk.error}")
+            self._observe_tokens(chunk.new_token_ids)
+            text = self._stop.feed(self._detok.push(chunk.new_token_ids))
+            reason = None
+            if chunk.finish_reason is not None:
+                text += self._stop.feed(self._detok.flush()) + self._stop.flush()
+                reason = chunk.finish_reason
+                self._num_transferred_tokens = chunk.num_transferred_tokens
+            if self._stop.stopped:
+                reason = "stop"
+            if text or reason:
+                yield Delta(text, reason)
+            if reason is not None:
+                return
+
+    async def _migrate(self, lost: WorkerLost) -> Delta | None:
+        """Continue on another worker after `lost`; returns the final delta when nothing
+        is left to generate (the worker died after the last token, before saying so)."""
+        try:
+            await self._resources.aclose()      # the broken stream
+        except WorkerUnavailable:
+            pass    # closing a dead connection failed too: nothing left to release
+        self._resources = AsyncExitStack()
+        self._planner.finished(self.request_id)
+        remaining = self._request.sampling.max_tokens - len(self._generated)
+        if remaining <= 0:
+            logger.info("request_id=%s: %s after its last token; finished", self.request_id, lost)
+            text = self._stop.feed(self._detok.flush()) + self._stop.flush()
+            return Delta(text, "stop" if self._stop.stopped else "length")
+        if self.num_migrations >= self._migration_limit:
+            logger.warning("request_id=%s: %s; migration limit (%d) reached", self.request_id,
+                           lost, self._migration_limit)
+            raise unavailable(f"the request's worker was lost and it was already migrated "
+                              f"{self.num_migrations} times (the limit): {lost}")
+        self.num_migrations += 1
+        self._metrics.requests_migrated.inc()
+        logger.warning("request_id=%s: %s; migrating after %d tokens (migration %d of at most "
+                       "%d)", self.request_id, lost, len(self._generated), self.num_migrations,
+                       self._migration_limit)
+        # A fresh worker-side id that still starts with the request's: the prefill worker
+        # may hold the old id's KV lease a while after the lost decode worker died.
+        request = msgspec.structs.replace(
+            self._request, request_id=f"{self.request_id}-m{self.num_migrations}",
+            prompt_token_ids=self._request.prompt_token_ids + self._generated,
+            sampling=msgspec.structs.replace(self._request.sampling, max_tokens=remaining))
+        await self._send(request)
+        return None
+
+    def _observe_tokens(self, token_ids: list[int]) -> None:
+        if not token_ids:
             return
         now = time.monotonic()
         if self._last_token_at is None:
             self._metrics.time_to_first_token.observe(now - self._arrival)
+            self._planner.first_token(self.request_id)
         else:
             self._metrics.inter_token_latency.observe(now - self._last_token_at)
         self._last_token_at = now
-        self.num_generated_tokens += n
-        self._metrics.generation_tokens.inc(n)
+        self._generated.extend(token_ids)
+        self.num_generated_tokens += len(token_ids)
+        self._metrics.generation_tokens.inc(len(token_ids))
 
     def _finish(self, status: str) -> None:
+        self._planner.finished(self.request_id)
         self._metrics.requests.labels(status=status).inc()
         elapsed = time.monotonic() - self._arrival
         if status == "200":
@@ -152,8 +215,9 @@ class Generation:
             # or the decode worker recomputed the prompt.
             kv = "" if self._attempt.prefill is None else \
                 f", KV of {self._num_transferred_tokens}/{self.num_prompt_tokens} prompt tokens transferred"
-            logger.info("request_id=%s done: %d tokens in %.3fs%s", self.request_id,
-                        self.num_generated_tokens, elapsed, kv)
+            moved = f", migrated {self.num_migrations} time(s)" if self.num_migrations else ""
+            logger.info("request_id=%s done: %d tokens in %.3fs%s%s", self.request_id,
+                        self.num_generated_tokens, elapsed, kv, moved)
         elif status == CLIENT_GONE:
             logger.info("request_id=%s client disconnected after %d tokens; aborted",
                         self.request_id, self.num_generated_tokens)

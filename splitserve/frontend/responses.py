@@ -23,6 +23,10 @@ DONE = b"data: [DONE]\n\n"
 class Shape:
     chat: bool
 
+    def response_id(self, request_id: str) -> str:
+        """The body's `id`: OpenAI's prefix on the request id (x-request-id), as vLLM does."""
+        return f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
+
     @property
     def object_name(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
@@ -68,7 +72,7 @@ async def full_response(shape: Shape, gen: Generation, model: str) -> Response:
             finish_reason = delta.finish_reason
     except OpenAIError as e:  # already counted by the Generation
         return e.response()
-    body = {"id": gen.request_id, "object": shape.object_name, "created": int(time.time()),
+    body = {"id": shape.response_id(gen.request_id), "object": shape.object_name, "created": int(time.time()),
             "model": model, "choices": [shape.final_choice("".join(parts), finish_reason)],
             "usage": _usage(gen)}
     return Response(msgspec.json.encode(body), media_type="application/json")
@@ -79,7 +83,7 @@ async def stream_events(shape: Shape, gen: Generation, model: str,
     created = int(time.time())
 
     def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
-        body = {"id": gen.request_id, "object": shape.chunk_object_name, "created": created,
+        body = {"id": shape.response_id(gen.request_id), "object": shape.chunk_object_name, "created": created,
                 "model": model, "choices": choices}
         if include_usage:  # OpenAI: with include_usage every chunk has a usage field
             body["usage"] = usage

@@ -5,35 +5,35 @@ a ready prefill worker P that advertises a KV address. D receives the request na
 and fetches the prompt's KV from it. Without such a pair a ready `both` worker serves it
 aggregated, as before disaggregation existed.
 
-`RoutePlanner` is the frontend's swap point: it turns a choice of workers into the
-ordered attempts a request makes. `RoundRobinPlanner` is the default; a planner over a
-router policy (splitserve.router: P by cached prefix, D by free capacity) replaces it.
+`RoutePlanner` turns one choice of a splitserve.router policy (round-robin, random, kv:
+P by cached prefix and queued prefill work, D by load and free KV) into the ordered
+attempts a request makes, and keeps the frontend's in-flight account (InflightTracker)
+that raises each worker's reported load to at least what this frontend sent it.
 """
 
 from __future__ import annotations
 
-import itertools
-from abc import ABC, abstractmethod
+import math
 from dataclasses import dataclass
 
 from splitserve.frontend.workers import WorkerStatus
+from splitserve.metrics import FrontendMetrics
+from splitserve.router import InflightTracker, KVIndex, RouteRequest, RoutingPolicy
 from splitserve.worker import protocol as p
 
 
 @dataclass(frozen=True)
 class Attempt:
-    """Send the request to the worker at `url`, naming `prefill` (None: aggregated)."""
+    """Send the request to worker `worker_id` at `url`, naming `prefill` (None: aggregated,
+    the worker computes the prompt itself). compute_worker_id is the worker that computes
+    the prompt (P, or the worker itself), compute_tokens how much of it the router expects
+    to be computed there (the rest is cached)."""
 
     url: str
+    worker_id: str
     prefill: p.PrefillTarget | None
-
-
-class RoutePlanner(ABC):
-    @abstractmethod
-    def route(self, request: p.GenerateRequest, workers: list[WorkerStatus]) -> list[Attempt]:
-        """The attempts to make, in order: the caller moves to the next one only when a
-        worker could not take the request before producing anything (full, unreachable).
-        Empty when no worker can serve it."""
+    compute_worker_id: str
+    compute_tokens: int
 
 
 def usable_prefill(workers: list[WorkerStatus]) -> list[WorkerStatus]:
@@ -50,27 +50,70 @@ def prefill_target(worker: WorkerStatus) -> p.PrefillTarget:
     return p.PrefillTarget(worker_id=worker.worker_id, kv_host=host, kv_port=port)
 
 
-class RoundRobinPlanner(RoutePlanner):
-    """P and D each in turn among the ready ones; on failure the remaining D in order.
-    The prefill worker stays the same across attempts: a full or lost D says nothing
-    about P, and D falls back on its own when P fails."""
-
-    def __init__(self):
-        self._turns = {role: itertools.count() for role in p.ROLES}
-
-    def _rotated(self, role: str, pool: list[WorkerStatus]) -> list[WorkerStatus]:
-        start = next(self._turns[role]) % len(pool)
-        return pool[start:] + pool[:start]
+class RoutePlanner:
+    def __init__(self, policy: RoutingPolicy, index: KVIndex, metrics: FrontendMetrics):
+        self.policy = policy
+        self.index = index
+        self.tracker = InflightTracker()
+        self._metrics = metrics
 
     def route(self, request: p.GenerateRequest, workers: list[WorkerStatus]) -> list[Attempt]:
+        """The attempts to make, in order: the policy's choice first, then the other
+        candidates by id. The caller moves to the next one only when a worker could not
+        take the request before producing anything (full, unreachable). The prefill worker
+        stays the same across attempts: a full or lost D says nothing about P, and D falls
+        back on its own when P fails. Empty when no worker can serve it."""
+        prompt = request.prompt_token_ids
+        route_request = RouteRequest(len(prompt), self.index.block_hashes(prompt))
         prefill, decode = usable_prefill(workers), ready_with_role(workers, "decode")
         if prefill and decode:
-            target = prefill_target(self._rotated("prefill", prefill)[0])
-            return [Attempt(d.url, target) for d in self._rotated("decode", decode)]
+            p_worker, overlap = self._choose(prefill, "prefill", route_request)
+            d_worker, _ = self._choose(decode, "decode", route_request)
+            target = prefill_target(p_worker)
+            compute = self._tokens_to_compute(len(prompt), overlap)
+            return [Attempt(d.url, d.worker_id, target, p_worker.worker_id, compute)
+                    for d in _chosen_first(d_worker, decode)]
         both = ready_with_role(workers, "both")
         if both:
-            return [Attempt(w.url, None) for w in self._rotated("both", both)]
+            # The policies pick an aggregated worker as the one that computes the prompt:
+            # its prefix cache decides how much work the request costs there.
+            chosen, overlap = self._choose(both, "both", route_request)
+            compute = self._tokens_to_compute(len(prompt), overlap)
+            return [Attempt(w.url, w.worker_id, None, w.worker_id,
+                            compute if w is chosen else len(prompt))
+                    for w in _chosen_first(chosen, both)]
         return []
+
+    def sent(self, request_id: str, attempt: Attempt, num_prompt_tokens: int) -> None:
+        """The worker took the request: count it in flight until first_token / finished."""
+        self.tracker.prefill_started(request_id, attempt.compute_worker_id, attempt.compute_tokens)
+        blocks = math.ceil((num_prompt_tokens + 1) / self.index.block_size)
+        self.tracker.decode_started(request_id, attempt.worker_id, blocks)
+
+    def first_token(self, request_id: str) -> None:
+        self.tracker.prefill_finished(request_id)
+
+    def finished(self, request_id: str) -> None:
+        self.tracker.prefill_finished(request_id)
+        self.tracker.decode_finished(request_id)
+
+    def _choose(self, pool: list[WorkerStatus], role: str,
+                request: RouteRequest) -> tuple[WorkerStatus, int]:
+        loads = self.tracker.apply([w.load() for w in pool])
+        if role == "decode":
+            decision = self.policy.select_decode(loads, request)
+        else:
+            decision = self.policy.select_prefill(loads, request)
+            self._metrics.router_overlap_blocks.observe(decision.overlap_blocks)
+        self._metrics.router_decisions.labels(policy=self.policy.name, role=role).inc()
+        return next(w for w in pool if w.worker_id == decision.worker_id), decision.overlap_blocks
+
+    def _tokens_to_compute(self, num_prompt_tokens: int, overlap_blocks: int) -> int:
+        return max(num_prompt_tokens - overlap_blocks * self.index.block_size, 0)
+
+
+def _chosen_first(chosen: WorkerStatus, pool: list[WorkerStatus]) -> list[WorkerStatus]:
+    return [chosen] + sorted((w for w in pool if w is not chosen), key=lambda w: w.worker_id)
 
 
 def unavailable_reason(workers: list[WorkerStatus]) -> str | None:
@@ -79,6 +122,8 @@ def unavailable_reason(workers: list[WorkerStatus]) -> str | None:
     if (usable_prefill(workers) and ready_with_role(workers, "decode")) or \
             ready_with_role(workers, "both"):
         return None
+    if not workers:
+        return "no worker is registered in discovery"
     down = "; ".join(w.describe() for w in workers if not w.ready)
     if not any(w.ready for w in workers):
         return f"no worker is ready ({down})"
