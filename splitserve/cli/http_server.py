@@ -9,13 +9,30 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import uvicorn
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the app when a graceful shutdown starts: a response that
+    never ends by itself (an event stream) would otherwise hold the shutdown until
+    timeout_graceful_shutdown, and discovery would keep listing a worker that is leaving."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], Awaitable[None]] | None):
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets=None) -> None:
+        if self._on_shutdown is not None:
+            await self._on_shutdown()
+        await super().shutdown(sockets)
+
+
 class HttpServer:
-    def __init__(self, app, host: str, port: int):
+    def __init__(self, app, host: str, port: int,
+                 on_shutdown: Callable[[], Awaitable[None]] | None = None):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -25,7 +42,7 @@ class HttpServer:
         # log_config=None: keep the process's own logging setup (one format everywhere).
         config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=5)
-        self._server = uvicorn.Server(config)
+        self._server = _Server(config, on_shutdown)
 
     def request_exit(self) -> None:
         """Ask the server to shut down gracefully (safe to call from the event loop)."""

@@ -11,7 +11,10 @@ import importlib
 import sys
 
 from splitserve.bench import BENCHES
+from splitserve.cli.discovery_args import add_discovery_args
+from splitserve.cli.discovery_args import add_discovery_args
 from splitserve.cli.engine_args import add_engine_arguments, add_transfer_args
+from splitserve.cli.frontend_args import add_frontend_args
 from splitserve.cli.logs import LEVELS
 from splitserve.worker.protocol import ROLES
 
@@ -42,14 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one `both` worker doing prefill and decode, no KV transfer")
     add_engine_arguments(serve)
     add_transfer_args(serve)
+    add_frontend_args(serve)
+    add_discovery_args(serve, "serve")
     _common(serve)
     serve.set_defaults(module="splitserve.cli.serve_cmd", parser=serve)
 
     frontend = sub.add_parser("frontend", help="run the OpenAI-compatible frontend")
     _listen(frontend, 8000, "OpenAI API")
-    frontend.add_argument("--worker-url", action="append", required=True,
-                          help="worker base URL, e.g. http://127.0.0.1:8100 (repeatable)")
+    frontend.add_argument("--worker-url", action="append",
+                          help="a fixed worker base URL, e.g. http://127.0.0.1:8100 (repeatable; "
+                               "instead of --discovery)")
     frontend.add_argument("--port-file", help="write the bound port here once listening")
+    add_frontend_args(frontend)
+    add_discovery_args(frontend, "frontend")
     _common(frontend)
     frontend.set_defaults(module="splitserve.cli.frontend_cmd", parser=frontend)
 
@@ -63,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     add_engine_arguments(worker)
     add_transfer_args(worker)
+    add_discovery_args(worker, role="worker")
     _common(worker)
     worker.set_defaults(module="splitserve.cli.worker_cmd", parser=worker)
 

@@ -1,8 +1,8 @@
 """`splitserve worker`: one engine behind the internal HTTP API.
 
 The HTTP server starts first and the model loads behind it, so /live and /health (503,
-"loading") answer during a long load. If the load or the engine fails, the process exits
-with status 1, so a supervisor notices.
+"loading") answer during a long load. If the load or the engine fails, or discovery
+refuses the registration, the process exits with status 1, so a supervisor notices.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 
+from splitserve.cli.discovery_args import discovery_from_args
 from splitserve.cli.engine_args import engine_config_from_args, worker_config_from_args
 from splitserve.cli.http_server import HttpServer
 from splitserve.cli.logs import configure_logging
@@ -22,11 +23,17 @@ logger = logging.getLogger(__name__)
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = engine_config_from_args(parser, args)
     worker_config = worker_config_from_args(parser, args)
+    discovery = discovery_from_args(parser, args)
+    worker_id = args.worker_id or f"{worker_config.role}-{socket.gethostname()}-{os.getpid()}"
+    if "/" in worker_id:
+        parser.error(f"--worker-id must not contain '/', got {worker_id!r}")
     configure_logging("worker", args.log_level)
     # Heavy imports (torch, the model code) after argument errors had their chance.
     from splitserve.engine.llm_engine import LLMEngine
     from splitserve.worker.app import create_app
     from splitserve.worker.async_engine import AsyncEngine
+    from splitserve.worker.kv_events import KVEventPublisher
+    from splitserve.worker.registration import WorkerRegistration
 
     exit_code = 0
 
@@ -43,10 +50,18 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             and config.device == "cpu":
         from splitserve.transfer.shmfile import allocate_shared_kv as kv_allocator
 
-    worker_id = getattr(args, "worker_id", None) or f"{worker_config.role}-{socket.gethostname()}-{os.getpid()}"
-    engine = AsyncEngine(lambda: LLMEngine(config, kv_allocator=kv_allocator), on_fatal)
-    server = HttpServer(create_app(engine, worker_config, worker_id), args.host, args.port)
-    logger.info("worker (role %s) listening on http://%s:%d; loading the model", args.role,
-                server.host, server.port)
+    publisher = KVEventPublisher(worker_id)
+    engine = AsyncEngine(lambda: LLMEngine(config, kv_allocator=kv_allocator), on_fatal,
+                         on_kv_events=publisher.publish)
+    registration = None
+    if discovery is not None:
+        registration = WorkerRegistration(discovery, worker_id, worker_config.role,
+                                          worker_config.advertised_host(), args.discovery_ttl, on_fatal)
+    app = create_app(engine, worker_config, worker_id, publisher, registration)
+    server = HttpServer(app, args.host, args.port, on_shutdown=app.state.begin_shutdown)
+    if registration is not None:
+        registration.api_port = server.port
+    logger.info("worker %s (role %s) listening on http://%s:%d; loading the model", worker_id,
+                args.role, server.host, server.port)
     server.run(args.port_file)
     return exit_code

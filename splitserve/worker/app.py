@@ -2,9 +2,11 @@
 
 POST /generate streams NDJSON GenerateChunk lines; a client that disconnects ends the
 stream, which aborts the request in the engine and frees its KV blocks. A request naming
-a prefill worker first gets its prompt's KV from there (RemotePrefill). /live answers as
-soon as the process serves HTTP; /health, /info and /generate answer 503 until the model
-has loaded and, on a prefill worker, the KV port listens.
+a prefill worker first gets its prompt's KV from there (RemotePrefill). GET /kv_events
+streams the prefix cache's changes to routers (kv_events.py). /live answers as soon as
+the process serves HTTP; /health, /info, /generate and /kv_events answer 503 until the
+model has loaded and, on a prefill worker, the KV port listens. With a registration the
+worker keeps its record in discovery while it runs (registration.py).
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from splitserve.engine.llm_engine import CapacityError, RequestError
-from splitserve.engine.types import RequestOutput, SamplingError
+from splitserve.discovery import WorkerRecord
+from splitserve.engine.types import EngineStats, RequestOutput, SamplingError
 from splitserve.metrics import WorkerMetrics
 from splitserve.transfer.config import TransferStats
 from splitserve.worker import protocol as p
 from splitserve.worker.async_engine import AsyncEngine, EngineDeadError, EngineState
 from splitserve.worker.config import WorkerConfig
+from splitserve.worker.kv_events import KVEventPublisher
 from splitserve.worker.kv_port import KVPort
+from splitserve.worker.registration import WorkerRegistration
 from splitserve.worker.remote_prefill import RemotePrefill, TransferFailed
 
 logger = logging.getLogger(__name__)
@@ -43,7 +48,12 @@ def _not_ready(engine: AsyncEngine) -> Response:
     return _reply(503, p.WorkerHealth("failed", engine.failure))
 
 
-def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str) -> FastAPI:
+def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
+               publisher: KVEventPublisher | None = None,
+               registration: WorkerRegistration | None = None) -> FastAPI:
+    """publisher: the one the engine hands its KV events to (serves GET /kv_events).
+    app.state.begin_shutdown() ends the event streams and withdraws the registration;
+    the HTTP server calls it when a graceful shutdown starts (see HttpServer)."""
     role = config.role
     transfer_stats = TransferStats()
     metrics = WorkerMetrics(engine.stats, transfer_stats)
@@ -55,10 +65,15 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str) -> Fas
     async def lifespan(_app: FastAPI):
         # The engine (and so the model load) starts once the server is accepting
         # connections, so /live and /health answer during a long load.
+        if publisher is not None:
+            publisher.start()
         engine.start()
         if kv_port is not None:
             kv_port.start_when_ready()
+        if registration is not None:
+            await registration.start(describe)
         yield
+        await begin_shutdown()
         if kv_port is not None:
             kv_port.close()
         engine.stop()
@@ -70,7 +85,33 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str) -> Fas
             return _reply(503, p.WorkerHealth("loading", kv_port.status()))
         return None
 
+    async def begin_shutdown() -> None:
+        # Idempotent: the HTTP server runs it when shutdown starts (so that routers stop
+        # choosing this worker and event streams end before connections drain), and the
+        # lifespan runs it again in case no server did.
+        if publisher is not None:
+            publisher.close()
+        if registration is not None:
+            await registration.stop()
+
+    def describe(base: WorkerRecord) -> WorkerRecord:
+        """This worker's discovery record now: state as /health sees it, and load."""
+        if engine.state is EngineState.FAILED:
+            state = "failed"
+        else:
+            state = "ready" if not_serving() is None else "loading"
+        s = engine.stats() or EngineStats()
+        kv_host, kv_port_number = (kv_port.address if kv_port is not None and kv_port.address
+                                   else (None, None))
+        return msgspec.structs.replace(
+            base, state=state, model_name=engine.engine.model_name if engine.engine else "",
+            kv_host=kv_host, kv_port=kv_port_number,
+            num_requests_running=s.num_requests_running, num_requests_waiting=s.num_requests_waiting,
+            num_pending_prefill_tokens=s.num_pending_prefill_tokens,
+            kv_blocks_in_use=s.kv_blocks_in_use, kv_blocks_total=s.kv_blocks_total)
+
     app = FastAPI(title="splitserve worker", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.begin_shutdown = begin_shutdown
 
     @app.get("/live")
     async def live() -> Response:
@@ -102,6 +143,17 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str) -> Fas
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    if publisher is not None:
+        @app.get("/kv_events")
+        async def kv_events() -> Response:
+            if (refusal := not_serving()) is not None:
+                return refusal
+            try:
+                lines = await publisher.subscribe(engine)
+            except EngineDeadError as e:
+                return _reply(503, p.WorkerHealth("failed", str(e)))
+            return StreamingResponse(lines, media_type=NDJSON)
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:

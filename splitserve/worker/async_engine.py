@@ -34,11 +34,15 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, factory: Callable[[], Any], on_fatal: Callable[[str], None]):
+    def __init__(self, factory: Callable[[], Any], on_fatal: Callable[[str], None],
+                 on_kv_events: Callable[[list], None] | None = None):
         """factory builds the LLMEngine (on the engine thread); on_fatal is called on the
-        event loop with a reason when the engine cannot load or crashes."""
+        event loop with a reason when the engine cannot load or crashes. on_kv_events gets
+        the engine's KV cache events, on the engine thread, after every step and command
+        that produced some (it must not block: it only hands them to the event loop)."""
         self._factory = factory
         self._on_fatal = on_fatal
+        self._on_kv_events = on_kv_events
         self.state = EngineState.LOADING
         self.failure: str | None = None
         self.engine: Any = None  # set once READY; read-only attributes only from other threads
@@ -186,6 +190,7 @@ class AsyncEngine:
             if engine.has_unfinished_requests():
                 outputs = self._route_held(engine.step())
                 self._stats = engine.stats()
+                self._drain_kv_events(engine)
                 if outputs:
                     self._loop.call_soon_threadsafe(self._deliver, outputs)
             else:
@@ -239,3 +244,10 @@ class AsyncEngine:
                 engine.abort_request(command[1])
         if changed:
             self._stats = engine.stats()
+            self._drain_kv_events(engine)
+
+    def _drain_kv_events(self, engine) -> None:
+        # Drained even with nobody to hand them to: the engine's list must not grow.
+        events = engine.drain_kv_events()
+        if events and self._on_kv_events is not None:
+            self._on_kv_events(events)
