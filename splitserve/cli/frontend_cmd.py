@@ -1,10 +1,13 @@
-"""`splitserve frontend`: the OpenAI-compatible server in front of one or more workers."""
+"""`splitserve frontend`: the OpenAI-compatible server in front of the workers it finds in
+discovery (--discovery), or of a fixed list (--worker-url)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
+from splitserve.cli.discovery_args import discovery_from_args
+from splitserve.cli.frontend_args import frontend_config_from_args
 from splitserve.cli.http_server import HttpServer
 from splitserve.cli.logs import configure_logging
 
@@ -12,11 +15,27 @@ logger = logging.getLogger(__name__)
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    config = frontend_config_from_args(parser, args)
+    discovery = discovery_from_args(parser, args)
+    if args.worker_url:
+        if discovery is not None:
+            parser.error("give --discovery or --worker-url, not both")
+        from splitserve.discovery import DiscoveryError, StaticDiscovery, StaticDiscoveryConfig
+        try:
+            discovery = StaticDiscovery(StaticDiscoveryConfig(tuple(args.worker_url)))
+        except DiscoveryError as e:
+            parser.error(str(e))
+        where = ", ".join(args.worker_url)
+    elif discovery is None:
+        parser.error("the frontend needs workers: --discovery URL (file:DIR, etcd://HOST:PORT) "
+                     "or --worker-url URL")
+    else:
+        where = f"{args.discovery} (namespace {args.namespace})"
     configure_logging("frontend", args.log_level)
     from splitserve.frontend.app import create_app
 
-    server = HttpServer(create_app(args.worker_url), args.host, args.port)
-    logger.info("frontend listening on http://%s:%d, workers: %s", server.host, server.port,
-                ", ".join(args.worker_url))
+    server = HttpServer(create_app(discovery, config), args.host, args.port)
+    logger.info("frontend listening on http://%s:%d, router %s, workers from %s", server.host,
+                server.port, config.router.policy, where)
     server.run(args.port_file)
     return 0
