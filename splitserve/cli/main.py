@@ -12,8 +12,6 @@ import sys
 
 from splitserve.bench import BENCHES
 from splitserve.cli.discovery_args import add_discovery_args
-from splitserve.cli.discovery_args import add_discovery_args
-from splitserve.cli.discovery_args import add_discovery_args
 from splitserve.cli.engine_args import add_engine_arguments, add_transfer_args
 from splitserve.cli.frontend_args import add_frontend_args
 from splitserve.cli.logs import LEVELS
