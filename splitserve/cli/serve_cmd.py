@@ -1,11 +1,14 @@
 """`splitserve serve`: frontend + workers on this machine, as child processes.
 
 Disaggregated by default: --prefill N prefill workers and --decode M decode workers (1
-and 1); --aggregated runs one `both` worker instead. Order: every worker starts on a free
-loopback port (prefill workers also on a free KV port, which they report in /info) and
-loads its model; once every worker's /health says ok, the frontend starts on
---host/--port with all their URLs. Ctrl-C or SIGTERM stops everything; a child that dies
-takes the whole serve down with a message naming it.
+and 1); --aggregated runs one `both` worker instead. Every worker and the frontend share
+one discovery: --discovery (e.g. etcd://HOST:PORT, with --namespace/--discovery-ttl), or
+by default a `file:` store in a temporary directory that serve creates and removes.
+Order: every worker starts on a free loopback port (prefill workers also on a free KV
+port) and registers itself; once every worker's /health says ok, the frontend starts on
+--host/--port, finds them in discovery and routes with --router (default kv). Ctrl-C or
+SIGTERM stops everything; a child that dies takes the whole serve down with a message
+naming it.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from pathlib import Path
 
 import httpx
 
+from splitserve.cli.discovery_args import discovery_from_args
 from splitserve.cli.engine_args import (engine_argv, engine_config_from_args, transfer_argv,
                                         worker_config_from_args)
+from splitserve.cli.frontend_args import frontend_argv, frontend_config_from_args
 from splitserve.cli.logs import configure_logging
 from splitserve.cli.supervisor import Child, Supervisor
 from splitserve.config import EngineConfig
@@ -59,18 +64,34 @@ def _worker_roles(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     return roles
 
 
-def _worker_argv(role: str, port_file: Path, args: argparse.Namespace, config: EngineConfig) -> list[str]:
+def _check_discovery(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """parser.error() on a --discovery serve cannot use: its workers register themselves."""
+    discovery_from_args(parser, args)
+    if args.discovery is not None and args.discovery.startswith("static:"):
+        parser.error("serve's workers register themselves: --discovery must be file:DIR or "
+                     "etcd://HOST:PORT, not a static list")
+
+
+def _discovery_argv(url: str, args: argparse.Namespace) -> list[str]:
+    return ["--discovery", url, "--namespace", args.namespace,
+            "--discovery-ttl", str(args.discovery_ttl)]
+
+
+def _worker_argv(role: str, port_file: Path, args: argparse.Namespace, config: EngineConfig,
+                 discovery: list[str]) -> list[str]:
     """One worker child: on loopback, on free ports (the API port lands in port_file; a
-    prefill worker's KV port is reported in its /info)."""
+    prefill worker's KV port is in its discovery record and /info)."""
     kv = ["--kv-port", "0"] if role == "prefill" else []
     return [*_BASE, "worker", "--role", role, "--host", "127.0.0.1", "--port", "0",
             "--port-file", str(port_file), *kv, "--log-level", args.log_level,
-            *engine_argv(config), *transfer_argv(args)]
+            *engine_argv(config), *transfer_argv(args), *discovery]
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = engine_config_from_args(parser, args)
     roles = _worker_roles(parser, args)
+    frontend_config_from_args(parser, args)
+    _check_discovery(parser, args)
     configure_logging("serve", args.log_level)
     stop = threading.Event()
 
@@ -83,22 +104,24 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # The secret travels in the children's environment: a command line is visible to `ps`.
     env = None if args.kv_secret is None else {**os.environ, SECRET_ENV: args.kv_secret}
     sup = Supervisor()
+    # The temporary directory holds the port files and, without --discovery, the file
+    # discovery store: both go when serve ends.
     with tempfile.TemporaryDirectory(prefix="splitserve-") as tmp:
+        discovery = _discovery_argv(args.discovery or f"file:{Path(tmp) / 'discovery'}", args)
+        logger.info("discovery: %s", " ".join(discovery))
         try:
             port_files = {}
             for name, role in roles:
                 port_files[name] = Path(tmp) / f"{name}.port"
-                sup.spawn(name, _worker_argv(role, port_files[name], args, config), env=env)
+                sup.spawn(name, _worker_argv(role, port_files[name], args, config, discovery), env=env)
             # All workers load their models in parallel; wait for each in turn.
-            worker_urls = []
             for name, port_file in port_files.items():
                 url = f"http://127.0.0.1:{_wait_port_file(port_file, sup, stop)}"
                 _wait_healthy(f"{url}/health", name, sup, stop)
-                worker_urls.append(url)
             frontend_port_file = Path(tmp) / "frontend.port"
             sup.spawn("frontend", [*_BASE, "frontend", "--host", args.host, "--port", str(args.port),
                                    "--port-file", str(frontend_port_file), "--log-level", args.log_level,
-                                   *(a for url in worker_urls for a in ("--worker-url", url))])
+                                   *frontend_argv(args), *discovery])
             port = _wait_port_file(frontend_port_file, sup, stop)
             _wait_healthy(f"http://{_url_host(args.host)}:{port}/health", "frontend", sup, stop)
             if args.port_file:
