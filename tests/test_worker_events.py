@@ -4,7 +4,9 @@ a subscriber that falls behind is dropped instead of holding anyone up."""
 
 import asyncio
 import queue
+import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -32,6 +34,8 @@ class Subscription:
                         self.batches.put(decode_batch(line))
         except httpx.HTTPError:
             pass            # closed by the test
+        finally:
+            self._client.close()
 
     def next(self):
         return self.batches.get(timeout=15)
@@ -43,6 +47,10 @@ class Subscription:
             got.append(batch)
             seen.update(h for e in batch.events if isinstance(e, BlockStored) for h in e.block_hashes)
         return got
+
+    def wait_closed(self) -> None:
+        self._thread.join(5)
+        assert not self._thread.is_alive(), "the stream did not end"
 
     def close(self) -> None:
         self._client.close()
@@ -85,8 +93,14 @@ def test_snapshot_then_live_batches_to_two_subscribers(worker):
         for b in batches:
             idx.apply(b)
         assert idx.overlap(["w-events"], index.block_hashes(first)) == {"w-events": len(index.block_hashes(first))}
-    sub_a.close()
     sub_b.close()
+
+    # Shutdown ends the open streams at once instead of waiting out the graceful timeout.
+    started = time.monotonic()
+    worker.stop(signal.SIGTERM)
+    assert time.monotonic() - started < 4
+    assert "graceful shutdown exceeded" not in worker.log()
+    sub_a.wait_closed()
 
 
 class _FakeAsyncEngine:
