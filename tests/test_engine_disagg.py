@@ -64,6 +64,20 @@ def test_full_transfer_equals_aggregated(engines):
     assert got == want
 
 
+def test_a_request_finished_by_its_first_token_ends_cleanly(engines):
+    # max_tokens=1 (or an EOS first token): the commit itself finishes the request.
+    p, d = engines
+    prompt = random_prompt(40, seed=13)
+    first, p_blocks, _ = prefill_on_p(p, "r1-first", prompt)
+    d_blocks = d.reserve("r1-first", prompt, FIRST)
+    d.runner.kv[d_blocks] = p.runner.kv[p_blocks]
+    p.release("r1-first")
+    d.commit_reserved("r1-first", len(prompt), first)
+    outputs = d.step()
+    assert [(o.new_token_ids, o.finished) for o in outputs] == [([first], True)]
+    assert not d.has_unfinished_requests() and d.stats().kv_blocks_in_use == 0
+
+
 def test_partial_transfer_continues_locally(engines):
     p, d = engines
     prompt = random_prompt(200, seed=12)

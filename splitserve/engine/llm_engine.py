@@ -136,13 +136,14 @@ class LLMEngine:
         req.num_computed_tokens = req.num_transferred_tokens = max(n, 0)
         self.kv_manager.cache_computed_blocks(req)
         req.status = RequestStatus.WAITING
+        # NOTE: queued before the first token is checked: a request that finishes on it
+        # (max_tokens=1, an EOS) is finished through the scheduler, which must hold it.
+        self.scheduler.add(req)
         if first_token is not None:
             req.append_output(first_token)
             if req.check_finished(self.max_model_len):
                 self._finish(req)
             self._pending.append(self._output(req, [first_token]))
-        if req.status is not RequestStatus.FINISHED:
-            self.scheduler.add(req)
 
     # --- prefill side ------------------------------------------------------------------
     def release(self, request_id: str) -> None:
