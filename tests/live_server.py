@@ -118,3 +118,55 @@ def start_serve(model_dir: Path | None, workdir: Path, *extra_args: str, timeout
     for w in httpx.get(f"{base_url}/cluster", timeout=10).json()["workers"]:
         workers.setdefault(w["role"], []).append(w["api_url"])
     return LiveServer(proc, base_url, workers, log_path)
+
+
+@dataclass
+class FrontendProc:
+    """A `splitserve frontend` process (workers from discovery), for tests that kill or
+    restart workers independently (under `serve`, a dead child stops everything)."""
+
+    process: subprocess.Popen
+    base_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self) -> tuple[int, dict]:
+        resp = httpx.get(f"{self.base_url}/health", timeout=10)
+        return resp.status_code, resp.json()
+
+    def wait_health(self, status: int, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while (got := self.health())[0] != status:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"frontend /health stayed {got} (waited for {status})")
+            time.sleep(0.1)
+        return got[1]
+
+    def metric(self, name: str) -> float:
+        return metric_value(f"{self.base_url}/metrics", name)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+
+def start_frontend(workdir: Path, discovery: str, *extra_args: str, name: str = "frontend",
+                   timeout: float = 60.0) -> FrontendProc:
+    """Run `splitserve frontend --discovery DISCOVERY *extra_args` and wait until it listens
+    (not until it is healthy: tests decide what they wait for)."""
+    port_file = workdir / f"{name}.port"
+    log_path = workdir / f"{name}.log"
+    cmd = [sys.executable, "-m", "splitserve", "frontend", "--port", "0", "--port-file",
+           str(port_file), "--discovery", discovery, *extra_args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    deadline = time.monotonic() + timeout
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"frontend did not start (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.1)
+    return FrontendProc(proc, f"http://127.0.0.1:{int(port_file.read_text())}", log_path)

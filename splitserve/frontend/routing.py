@@ -9,16 +9,25 @@ aggregated, as before disaggregation existed.
 P by cached prefix and queued prefill work, D by load and free KV) into the ordered
 attempts a request makes, and keeps the frontend's in-flight account (InflightTracker)
 that raises each worker's reported load to at least what this frontend sent it.
+
+Workers report load in their discovery record every few seconds. A record written before
+one of this frontend's requests left a worker's queue still counts that request, and
+would push the next request with the same prefix away from the worker that has it
+cached. So a record older than this frontend's latest finished work on that worker is
+not trusted for load (only for capacity) until a newer one arrives; the in-flight
+account covers the meantime. (Compared by wall clock with the worker's heartbeat time:
+skew between hosts only delays or hastens trusting a record again.)
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 from splitserve.frontend.workers import WorkerStatus
 from splitserve.metrics import FrontendMetrics
-from splitserve.router import InflightTracker, KVIndex, RouteRequest, RoutingPolicy
+from splitserve.router import InflightTracker, KVIndex, RouteRequest, RoutingPolicy, WorkerLoad
 from splitserve.worker import protocol as p
 
 
@@ -56,6 +65,8 @@ class RoutePlanner:
         self.index = index
         self.tracker = InflightTracker()
         self._metrics = metrics
+        self._sent: dict[str, Attempt] = {}         # request id -> where it runs now
+        self._settled_at: dict[str, float] = {}     # worker id -> when our work there last ended
 
     def route(self, request: p.GenerateRequest, workers: list[WorkerStatus]) -> list[Attempt]:
         """The attempts to make, in order: the policy's choice first, then the other
@@ -86,20 +97,33 @@ class RoutePlanner:
 
     def sent(self, request_id: str, attempt: Attempt, num_prompt_tokens: int) -> None:
         """The worker took the request: count it in flight until first_token / finished."""
+        self._sent[request_id] = attempt
         self.tracker.prefill_started(request_id, attempt.compute_worker_id, attempt.compute_tokens)
         blocks = math.ceil((num_prompt_tokens + 1) / self.index.block_size)
         self.tracker.decode_started(request_id, attempt.worker_id, blocks)
 
     def first_token(self, request_id: str) -> None:
         self.tracker.prefill_finished(request_id)
+        if (attempt := self._sent.get(request_id)) is not None:
+            self._settled_at[attempt.compute_worker_id] = time.time()
 
     def finished(self, request_id: str) -> None:
         self.tracker.prefill_finished(request_id)
         self.tracker.decode_finished(request_id)
+        if (attempt := self._sent.pop(request_id, None)) is not None:
+            now = time.time()
+            self._settled_at[attempt.compute_worker_id] = self._settled_at[attempt.worker_id] = now
+
+    def _load(self, worker: WorkerStatus) -> WorkerLoad:
+        load = worker.load()
+        if worker.record is not None and \
+                worker.record.last_heartbeat < self._settled_at.get(worker.worker_id, 0.0):
+            return WorkerLoad(worker_id=load.worker_id, kv_blocks_total=load.kv_blocks_total)
+        return load
 
     def _choose(self, pool: list[WorkerStatus], role: str,
                 request: RouteRequest) -> tuple[WorkerStatus, int]:
-        loads = self.tracker.apply([w.load() for w in pool])
+        loads = self.tracker.apply([self._load(w) for w in pool])
         if role == "decode":
             decision = self.policy.select_decode(loads, request)
         else:
