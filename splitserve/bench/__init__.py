@@ -8,4 +8,5 @@ Modules are imported lazily so `splitserve --help` stays fast.
 BENCHES = {
     "engine": "splitserve.bench.engine",
     "transfer": "splitserve.bench.transfer",
+    "longctx": "splitserve.bench.longctx",
 }

@@ -1,0 +1,123 @@
+"""`splitserve bench longctx`: time to first token, aggregated vs disaggregated, per
+prompt length, through the OpenAI API of a real `splitserve serve`; plus, for the
+disaggregated run, the KV transfer rate and whether the KV was transferred or recomputed
+(from the decode worker's metrics, not assumed).
+
+Prompts have exact token counts: real tokens from the model's tokenizer (a long text
+tokenized once, cut to length), sent as token ids so no re-tokenization can shift them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from splitserve.bench.launch import ServeProcess
+from splitserve.bench.report import machine, median, print_table, write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lengths", default="1k,8k,32k", help="prompt lengths, e.g. 1k,8k,32k,128k")
+    p.add_argument("--model", help="checkpoint directory (default: a tiny random Llama with 131k positions)")
+    p.add_argument("--repeats", type=int, default=3, help="requests per length; medians reported")
+    p.add_argument("--kv-transport", default="tcp", choices=("tcp", "shm", "auto"))
+    p.add_argument("--serve-arg", action="append", default=[],
+                   help="extra flag for both serve runs (repeatable), e.g. --serve-arg=--max-num-batched-tokens=8192")
+    p.add_argument("--json", help="write results to this path")
+
+
+def _parse_length(text: str) -> int:
+    text = text.strip().lower()
+    return int(float(text[:-1]) * 1024) if text.endswith("k") else int(text)
+
+
+def run(args) -> int:
+    lengths = [_parse_length(x) for x in args.lengths.split(",")]
+    with tempfile.TemporaryDirectory() as d:
+        model = args.model
+        if model is None:
+            from splitserve.model.tiny import make_tiny_llama
+
+            model = str(make_tiny_llama(d, max_position_embeddings=131072))
+        prompts = _exact_prompts(model, lengths)
+        common = ["--model", model, "--max-model-len", str(max(lengths) + 16), *args.serve_arg]
+        with ServeProcess("--aggregated", *common) as agg:
+            agg_ttft = {n: _ttft(agg.base_url, prompts[n], args.repeats) for n in lengths}
+        with ServeProcess("--kv-transport", args.kv_transport, *common) as dis:
+            decode = dis.worker_urls("decode")[0]
+            rows, results = [], []
+            for n in lengths:
+                before = _metrics(decode)
+                ttft = _ttft(dis.base_url, prompts[n], args.repeats)
+                after = _metrics(decode)
+                ok = after["ok"] - before["ok"]
+                fallbacks = after["fallbacks"] - before["fallbacks"]
+                nbytes = after["bytes"] - before["bytes"]
+                secs = after["seconds"] - before["seconds"]
+                gbps = nbytes / secs / 1e9 if secs else 0.0
+                kv = "transferred" if ok == args.repeats and not fallbacks else f"{fallbacks} fallback(s)"
+                rows.append([n, agg_ttft[n], ttft, ttft / agg_ttft[n], gbps, kv])
+                results.append({"tokens": n, "ttft_aggregated_s": agg_ttft[n], "ttft_disaggregated_s": ttft,
+                                "ratio": ttft / agg_ttft[n], "transfer_gb_s": gbps, "kv": kv,
+                                "kv_bytes_per_request": nbytes / max(ok + fallbacks, 1)})
+    print(f"machine: {machine()}")
+    print_table(["prompt tokens", "TTFT agg s", "TTFT disagg s", "disagg/agg", "transfer GB/s", "KV"], rows,
+                title=f"\nlongctx: medians of {args.repeats} (transport {args.kv_transport})")
+    write_json(args.json, {"machine": machine(), "transport": args.kv_transport, "results": results})
+    return 0
+
+
+def _exact_prompts(model: str, lengths: list[int]) -> dict[int, list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    rng = random.Random(0)
+    words = ["alpha", "river", "quantum", "stone", "lantern", "orbit", "meadow", "cipher", "ember",
+             "harbor", "violet", "summit", "thread", "echo", "granite", "willow"]
+    ids: list[int] = []
+    while len(ids) < max(lengths):
+        text = " ".join(rng.choice(words) for _ in range(4096)) + ". "
+        ids += tok(text, add_special_tokens=False)["input_ids"]
+    # Each length gets a distinct first token so no prompt is a prefix-cache hit of another.
+    return {n: [ids[i % len(ids)] for i in range(k, k + n)] for k, n in enumerate(lengths)}
+
+
+def _ttft(base_url: str, prompt: list[int], repeats: int) -> float:
+    times = []
+    with httpx.Client(timeout=None) as client:
+        for i in range(repeats):
+            # A different last token each time: the prefix cache must not turn a repeat
+            # into a one-block prefill.
+            body = {"model": client.get(f"{base_url}/v1/models").json()["data"][0]["id"],
+                    "prompt": prompt[:-1] + [prompt[-1 - i % len(prompt)]] if i else prompt,
+                    "max_tokens": 2, "temperature": 0, "stream": True}
+            t0 = time.perf_counter()
+            first = None
+            with client.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
+                resp.raise_for_status()
+                for line in resp.iter_lines():   # read to the end: the request completes
+                    if first is None and line.startswith("data:"):
+                        first = time.perf_counter() - t0
+            times.append(first)
+    return median(times)
+
+
+def _metrics(worker_url: str) -> dict[str, float]:
+    out = {"ok": 0.0, "fallbacks": 0.0, "bytes": 0.0, "seconds": 0.0}
+    text = httpx.get(f"{worker_url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "splitserve_kv_transfers_total" and s.labels.get("outcome") == "ok":
+                out["ok"] += s.value
+            elif s.name == "splitserve_kv_transfer_fallbacks_total":
+                out["fallbacks"] += s.value
+            elif s.name == "splitserve_kv_transfer_bytes_total" and s.labels.get("direction") == "received":
+                out["bytes"] += s.value
+            elif s.name == "splitserve_kv_transfer_seconds_sum":
+                out["seconds"] += s.value
+    return out
