@@ -101,6 +101,8 @@ def test_reservation_errors_and_abort(engines, tiny_llama_dir):
     with pytest.raises(RequestError, match="no reservation"):
         d.commit_reserved("nope", 10, 1)
     d.reserve("r3", [1, 2, 3], GREEDY)
+    # KV in flight is no work for the engine: its driving thread must sleep, not spin.
+    assert not d.has_unfinished_requests()
     with pytest.raises(RequestError, match="whole prompt"):
         d.commit_reserved("r3", 2, 5)
     d.abort_request("r3")

@@ -174,7 +174,10 @@ class LLMEngine:
         self._pending.append(self._output(req, []))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._pending) or any(r.status is not RequestStatus.FINISHED for r in self._requests.values())
+        """True when step() has work. NOTE: reserved requests (KV in flight from a peer) and
+        held finished ones (a peer reading) need no steps: counting them would make the
+        driving thread spin for the whole transfer."""
+        return bool(self._pending) or self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
