@@ -15,7 +15,7 @@ import pytest
 from live_server import child_pids, pid_alive, start_serve
 from splitserve.cli.engine_args import engine_argv, engine_config_from_args
 from splitserve.cli.main import build_parser
-from splitserve.cli.serve_cmd import _worker_argv, _worker_roles
+from splitserve.cli.serve_cmd import _check_discovery, _discovery_argv, _worker_argv, _worker_roles
 from splitserve.config import EngineConfig, defaults
 
 
@@ -68,16 +68,42 @@ def test_inconsistent_serve_flags_are_usage_errors(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--discovery", "static:http://127.0.0.1:1"], "workers register themselves"),
+    (["--discovery", "zk://x"], "unknown discovery scheme"),
+    (["--discovery-ttl", "0"], "--discovery-ttl must be positive"),
+])
+def test_unusable_serve_discovery_is_a_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        _check_discovery(*_serve(argv))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_frontend_flags_become_its_config():
+    from splitserve.cli.frontend_args import frontend_config_from_args, frontend_argv
+
+    parser, args = _serve(["--router", "round-robin", "--kv-overlap-weight", "2.5",
+                           "--migration-limit", "1"])
+    config = frontend_config_from_args(parser, args)
+    assert (config.router.policy, config.router.overlap_weight, config.migration_limit) == (
+        "round-robin", 2.5, 1)
+    frontend = build_parser().parse_args(["frontend", "--discovery", "file:/d", *frontend_argv(args)])
+    assert frontend_config_from_args(frontend.parser, frontend) == config
+    assert _serve([])[1].router == "kv"    # the default policy
+
 def test_serve_passes_engine_and_transfer_flags_to_its_workers_but_not_the_secret(tmp_path):
     parser, args = _serve(["--block-size", "32", "--kv-transport", "tcp", "--kv-stall-timeout", "5",
                            "--kv-lease", "12", "--kv-fallback", "fail", "--kv-secret", "s3cret",
                            "--advertise-host", "10.0.0.7"])
     config = engine_config_from_args(parser, args)
-    prefill = _worker_argv("prefill", tmp_path / "p.port", args, config)
-    decode = _worker_argv("decode", tmp_path / "d.port", args, config)
+    discovery = _discovery_argv("etcd://10.0.0.9:2379", _serve(
+        ["--namespace", "prod", "--discovery-ttl", "4"])[1])
+    prefill = _worker_argv("prefill", tmp_path / "p.port", args, config, discovery)
+    decode = _worker_argv("decode", tmp_path / "d.port", args, config, discovery)
     assert "s3cret" not in prefill + decode  # it travels in the environment
     worker = build_parser().parse_args(prefill[3:])  # argv: python -m splitserve worker ...
     assert (worker.role, worker.host, worker.port, worker.kv_port) == ("prefill", "127.0.0.1", 0, 0)
+    assert (worker.discovery, worker.namespace, worker.discovery_ttl) == ("etcd://10.0.0.9:2379", "prod", 4)
     assert (worker.kv_transport, worker.kv_stall_timeout, worker.kv_lease, worker.kv_fallback,
             worker.advertise_host) == ("tcp", 5.0, 12.0, "fail", "10.0.0.7")
     assert engine_config_from_args(worker.parser, worker) == config

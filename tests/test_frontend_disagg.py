@@ -15,6 +15,7 @@ import pytest
 
 from live_server import start_serve
 from splitserve.cli.http_server import HttpServer
+from splitserve.discovery import StaticDiscovery, StaticDiscoveryConfig
 from splitserve.frontend.app import create_app as create_frontend
 from workers import metric_value, start_worker
 
@@ -102,7 +103,8 @@ def test_frontend_health_is_503_naming_the_missing_decode_worker_when_it_dies(ti
     # Separate processes, not `serve`: serve stops everything when a child dies.
     prefill = start_worker("prefill", tiny_llama_dir, tmp_path)
     decode = start_worker("decode", tiny_llama_dir, tmp_path)
-    server = HttpServer(create_frontend([prefill.url, decode.url]), "127.0.0.1", 0)
+    static = StaticDiscovery(StaticDiscoveryConfig((prefill.url, decode.url)))
+    server = HttpServer(create_frontend(static), "127.0.0.1", 0)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.port}"
