@@ -37,7 +37,6 @@ def cache_prompt(kv: KVCacheManager, rid: str, tokens: list[int]) -> Request | N
     """Admit a request through the prefix cache and compute its prompt, like the engine."""
     r = req(rid, tokens)
     cached = kv.find_cached_prefix(r)
-    r.num_computed_tokens = 0
     if not kv.allocate(r, len(tokens) - len(cached) * BS, cached):
         return None
     r.num_computed_tokens = len(tokens)
