@@ -4,7 +4,9 @@ disaggregated run, the KV transfer rate and whether the KV was transferred or re
 (from the decode worker's metrics, not assumed).
 
 Prompts have exact token counts: real tokens from the model's tokenizer (a long text
-tokenized once, cut to length), sent as token ids so no re-tokenization can shift them.
+tokenized once, cut to length), sent as token ids so no re-tokenization can shift them;
+every request's prompt is distinct from its first block, so no prefix-cache hit hides a
+prefill.
 """
 
 from __future__ import annotations
@@ -44,16 +46,16 @@ def run(args) -> int:
             from splitserve.model.tiny import make_tiny_llama
 
             model = str(make_tiny_llama(d, max_position_embeddings=131072))
-        prompts = _exact_prompts(model, lengths)
+        prompts = _exact_prompts(model, lengths, args.repeats)
         common = ["--model", model, "--max-model-len", str(max(lengths) + 16), *args.serve_arg]
         with ServeProcess("--aggregated", *common) as agg:
-            agg_ttft = {n: _ttft(agg.base_url, prompts[n], args.repeats) for n in lengths}
+            agg_ttft = {n: _ttft(agg.base_url, prompts[n]) for n in lengths}
         with ServeProcess("--kv-transport", args.kv_transport, *common) as dis:
             decode = dis.worker_urls("decode")[0]
             rows, results = [], []
             for n in lengths:
                 before = _metrics(decode)
-                ttft = _ttft(dis.base_url, prompts[n], args.repeats)
+                ttft = _ttft(dis.base_url, prompts[n])
                 after = _metrics(decode)
                 ok = after["ok"] - before["ok"]
                 fallbacks = after["fallbacks"] - before["fallbacks"]
@@ -72,7 +74,9 @@ def run(args) -> int:
     return 0
 
 
-def _exact_prompts(model: str, lengths: list[int]) -> dict[int, list[int]]:
+def _exact_prompts(model: str, lengths: list[int], repeats: int) -> dict[int, list[list[int]]]:
+    """repeats distinct prompts per length. They differ from their first block on, so
+    neither the prefix cache nor an earlier length can turn a prefill into a lookup."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -80,22 +84,24 @@ def _exact_prompts(model: str, lengths: list[int]) -> dict[int, list[int]]:
     words = ["alpha", "river", "quantum", "stone", "lantern", "orbit", "meadow", "cipher", "ember",
              "harbor", "violet", "summit", "thread", "echo", "granite", "willow"]
     ids: list[int] = []
-    while len(ids) < max(lengths):
+    while len(ids) < max(lengths) + 64:
         text = " ".join(rng.choice(words) for _ in range(4096)) + ". "
         ids += tok(text, add_special_tokens=False)["input_ids"]
-    # Each length gets a distinct first token so no prompt is a prefix-cache hit of another.
-    return {n: [ids[i % len(ids)] for i in range(k, k + n)] for k, n in enumerate(lengths)}
+    prompts = {}
+    for k, n in enumerate(lengths):
+        prompts[n] = []
+        for r in range(repeats):
+            head = tok(f"Document {k}-{r}:", add_special_tokens=False)["input_ids"]
+            prompts[n].append((head + ids)[:n])
+    return prompts
 
 
-def _ttft(base_url: str, prompt: list[int], repeats: int) -> float:
+def _ttft(base_url: str, prompts: list[list[int]]) -> float:
     times = []
     with httpx.Client(timeout=None) as client:
-        for i in range(repeats):
-            # A different last token each time: the prefix cache must not turn a repeat
-            # into a one-block prefill.
-            body = {"model": client.get(f"{base_url}/v1/models").json()["data"][0]["id"],
-                    "prompt": prompt[:-1] + [prompt[-1 - i % len(prompt)]] if i else prompt,
-                    "max_tokens": 2, "temperature": 0, "stream": True}
+        model = client.get(f"{base_url}/v1/models").json()["data"][0]["id"]
+        for prompt in prompts:
+            body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}
             t0 = time.perf_counter()
             first = None
             with client.stream("POST", f"{base_url}/v1/completions", json=body) as resp:
