@@ -217,3 +217,23 @@ def test_loopback_advertise_on_all_interfaces_is_refused(tiny_llama_dir):
          "--host", "0.0.0.0", "--advertise-host", "127.0.0.1"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert "listening on all interfaces" in run.stderr and "loopback" in run.stderr
+
+
+def test_kv_secret_authenticates_the_handshake(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLITSERVE_KV_SECRET", "s3cret-one")
+    prefill = start_worker("prefill", tiny_llama_dir, tmp_path)
+    decode_ok = start_worker("decode", tiny_llama_dir, tmp_path, name="decode-ok")
+    monkeypatch.setenv("SPLITSERVE_KV_SECRET", "not-the-s3cret-xq7")
+    decode_bad = start_worker("decode", tiny_llama_dir, tmp_path, "--kv-fallback", "fail", name="decode-bad")
+    try:
+        prompt = random_prompt(200, seed=8)
+        status, tokens, chunks = generate(decode_ok, "auth-ok", prompt, NEW, prefill)
+        assert status == 200 and chunks[-1].num_transferred_tokens == len(prompt)
+        status, _, body = generate(decode_bad, "auth-bad", prompt, NEW, prefill)
+        assert status == 502 and "auth" in body
+        assert decode_bad.metric("splitserve_kv_transfer_fallbacks_total", reason="auth_failed") == 1
+        assert "s3cret" not in decode_bad.log() + prefill.log() and "xq7" not in prefill.log()
+        no_leaks(prefill, decode_ok, decode_bad)
+    finally:
+        for w in (prefill, decode_ok, decode_bad):
+            w.stop()
