@@ -2,6 +2,7 @@
 decode worker does, what it counts — and that the request is still answered correctly
 and no KV block is left behind."""
 
+import re
 import signal
 import threading
 import time
@@ -101,8 +102,10 @@ def _wait_for(cond, timeout=60.0):
 
 
 def _start_slow_transfer(decode, prefill, rid, prompt):
-    """Start a request whose prefill takes seconds (P computes 16 tokens per step) and
-    wait until P has streamed some blocks."""
+    """Start a request whose prefill takes a while (P computes 16 tokens per step) and
+    return as soon as the decode worker has heard of progress: some blocks have arrived
+    (P sends a chunk's blocks before its PROGRESS), most of the prompt is still to come.
+    The decode worker must run with --log-level debug."""
     result = {}
 
     def run():
@@ -113,15 +116,14 @@ def _start_slow_transfer(decode, prefill, rid, prompt):
 
     t = threading.Thread(target=run)
     t.start()
-    _wait_for(lambda: f"request {rid}: prefill of" in prefill.log())
-    time.sleep(0.7)
+    _wait_for(lambda: re.search(rf"request {rid}: prefill progress [1-9]\d*/", decode.log()), timeout=60)
     return t, result
 
 
 @pytest.mark.parametrize("policy", ["local", "fail"])
 def test_prefill_killed_mid_prefill(policy, tiny_llama_dir, tmp_path):
     prefill = start_worker("prefill", tiny_llama_dir, tmp_path, "--max-num-batched-tokens", "16")
-    decode = start_worker("decode", tiny_llama_dir, tmp_path, "--kv-fallback", policy)
+    decode = start_worker("decode", tiny_llama_dir, tmp_path, "--kv-fallback", policy, "--log-level", "debug")
     try:
         prompt = random_prompt(3500, seed=4)
         t, result = _start_slow_transfer(decode, prefill, "kill-p", prompt)
@@ -146,7 +148,7 @@ def test_prefill_killed_mid_prefill(policy, tiny_llama_dir, tmp_path):
 def test_prefill_stalled_past_the_stall_timeout_falls_back(tiny_llama_dir, tmp_path):
     prefill = start_worker("prefill", tiny_llama_dir, tmp_path, "--max-num-batched-tokens", "16",
                            "--kv-lease", "2")
-    decode = start_worker("decode", tiny_llama_dir, tmp_path, "--kv-stall-timeout", "1.5")
+    decode = start_worker("decode", tiny_llama_dir, tmp_path, "--kv-stall-timeout", "1.5", "--log-level", "debug")
     try:
         prompt = random_prompt(3500, seed=5)
         t, result = _start_slow_transfer(decode, prefill, "stall-p", prompt)
@@ -169,7 +171,7 @@ def test_prefill_stalled_past_the_stall_timeout_falls_back(tiny_llama_dir, tmp_p
 def test_decode_killed_prefill_lease_expires(tiny_llama_dir, tmp_path):
     prefill = start_worker("prefill", tiny_llama_dir, tmp_path, "--max-num-batched-tokens", "16",
                            "--kv-lease", "2")
-    decode = start_worker("decode", tiny_llama_dir, tmp_path)
+    decode = start_worker("decode", tiny_llama_dir, tmp_path, "--log-level", "debug")
     try:
         t, result = _start_slow_transfer(decode, prefill, "kill-d", random_prompt(3500, seed=6))
         decode.stop(signal.SIGKILL)

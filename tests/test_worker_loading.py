@@ -14,6 +14,7 @@ import pytest
 from splitserve.cli.http_server import HttpServer
 from splitserve.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
+from splitserve.discovery import parse_discovery
 from splitserve.frontend.app import create_app as create_frontend
 from splitserve.worker.app import create_app as create_worker
 from splitserve.worker.async_engine import AsyncEngine, EngineState
@@ -56,7 +57,7 @@ def test_503_with_a_reason_while_the_model_loads_then_ready(tiny_llama_dir):
         return LLMEngine(EngineConfig(model=str(tiny_llama_dir), served_model_name="tiny", max_model_len=256))
 
     worker = ThreadServer(create_worker(AsyncEngine(slow_load, fatal.append), WorkerConfig(), "both-0"))
-    frontend = ThreadServer(create_frontend([worker.url]))
+    frontend = ThreadServer(create_frontend(parse_discovery(f"static:{worker.url}")))
     try:
         r = httpx.get(f"{worker.url}/health")
         assert (r.status_code, r.json()) == (503, {"status": "loading", "reason": "the model is loading"})
@@ -84,7 +85,7 @@ def test_503_with_a_reason_while_the_model_loads_then_ready(tiny_llama_dir):
 
 
 def test_frontend_without_a_reachable_worker_is_503(tmp_path):
-    frontend = ThreadServer(create_frontend(["http://127.0.0.1:9"]))  # discard port: nothing listens
+    frontend = ThreadServer(create_frontend(parse_discovery("static:http://127.0.0.1:9")))  # discard port: nothing listens
     try:
         _wait(lambda: "unreachable" in httpx.get(f"{frontend.url}/health").json()["reason"])
         r = httpx.post(f"{frontend.url}/v1/completions", json={"model": "x", "prompt": "hi"})

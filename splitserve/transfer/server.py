@@ -115,7 +115,6 @@ class KVTransferServer:
             self._jobs.pop(job.rid, None)
         self.backend.release(job.rid)
         self.stats.add("blocks_pinned", -pinned)
-        self.stats.add("bytes_sent", sent)
         if expired:
             self.stats.add("lease_expired")
             log.warning("request %s: releasing %d pinned KV blocks: lease expired (%s, no "
