@@ -4,32 +4,22 @@ server (use it from a module- or session-scoped fixture)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
+from procs import metric_value, spawn
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def metric_value(url: str, name: str) -> float:
-    """Sum of the samples named `name` (all label sets) in the Prometheus text at url."""
-    text = httpx.get(url, timeout=10).text
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.split("{")[0].split(" ")[0] == name]
-    if not values:
-        raise AssertionError(f"metric {name} not found at {url}")
-    return sum(values)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -100,20 +90,9 @@ class LiveServer:
 def start_serve(model_dir: Path | None, workdir: Path, *extra_args: str, timeout: float = 180.0) -> LiveServer:
     """Run `splitserve serve *extra_args` (disaggregated unless they say `--aggregated`) and
     wait until it reports ready. model_dir=None serves the embedded default model."""
-    port_file = workdir / "api.port"
-    log_path = workdir / "serve.log"
     model_args = [] if model_dir is None else ["--model", str(model_dir)]
-    cmd = [sys.executable, "-m", "splitserve", "serve", *model_args,
-           "--port", "0", "--port-file", str(port_file), *extra_args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    deadline = time.monotonic() + timeout
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"serve did not start (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}")
-        time.sleep(0.2)
-    base_url = f"http://127.0.0.1:{int(port_file.read_text())}"
+    proc, port, log_path = spawn(["serve", *model_args, *extra_args], workdir, "serve", timeout)
+    base_url = f"http://127.0.0.1:{port}"
     workers: dict[str, list[str]] = {}
     for w in httpx.get(f"{base_url}/cluster", timeout=10).json()["workers"]:
         workers.setdefault(w["role"], []).append(w["api_url"])
@@ -157,16 +136,5 @@ def start_frontend(workdir: Path, discovery: str, *extra_args: str, name: str = 
                    timeout: float = 60.0) -> FrontendProc:
     """Run `splitserve frontend --discovery DISCOVERY *extra_args` and wait until it listens
     (not until it is healthy: tests decide what they wait for)."""
-    port_file = workdir / f"{name}.port"
-    log_path = workdir / f"{name}.log"
-    cmd = [sys.executable, "-m", "splitserve", "frontend", "--port", "0", "--port-file",
-           str(port_file), "--discovery", discovery, *extra_args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    deadline = time.monotonic() + timeout
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"frontend did not start (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}")
-        time.sleep(0.1)
-    return FrontendProc(proc, f"http://127.0.0.1:{int(port_file.read_text())}", log_path)
+    proc, port, log_path = spawn(["frontend", "--discovery", discovery, *extra_args], workdir, name, timeout)
+    return FrontendProc(proc, f"http://127.0.0.1:{port}", log_path)

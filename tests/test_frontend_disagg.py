@@ -17,7 +17,8 @@ from live_server import start_serve
 from splitserve.cli.http_server import HttpServer
 from splitserve.discovery import StaticDiscovery, StaticDiscoveryConfig
 from splitserve.frontend.app import create_app as create_frontend
-from workers import metric_value, start_worker
+from procs import metric_value
+from workers import start_worker
 
 ARGS = ("--max-model-len", "512", "--served-model-name", "tiny")
 CHAT = [{"role": "user", "content": "Tell me a story about a long journey."}]

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from live_server import start_frontend
-from workers import metric_value, start_worker
+from procs import metric_value
+from workers import start_worker
 
 TTL = ("--discovery-ttl", "2")
 ENGINE = ("--max-model-len", "1024", "--served-model-name", "tiny")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from live_server import start_serve
-from workers import metric_value
+from procs import metric_value
 
 PREFIX_TOKENS, NUM_PREFIXES, REQUESTS_PER_PREFIX = 2000, 4, 6
 ARGS = ("--prefill", "2", "--decode", "1", "--max-model-len", "4096",

@@ -3,10 +3,8 @@ of the disaggregated path below the frontend."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,26 +12,8 @@ from pathlib import Path
 import httpx
 import msgspec
 
+from procs import metric_value, spawn
 from splitserve.worker import protocol as p
-
-
-def metric_value(url: str, name: str, **labels: str) -> float:
-    """Sum of the samples named `name` whose labels include `labels`, from Prometheus text;
-    0 when the metric is exported but has no such sample yet (a labelled counter before
-    its first event). A metric that is not exported at all is an error."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(url, timeout=10).text
-    total, exported = 0.0, False
-    for family in text_string_to_metric_families(text):
-        names = {family.name, family.name + "_total"}
-        exported = exported or name in names or any(s.name == name for s in family.samples)
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    if not exported:
-        raise AssertionError(f"metric {name} not found at {url}")
-    return total
 
 
 @dataclass
@@ -74,25 +54,21 @@ class WorkerProc:
 def start_worker(role: str, model_dir: Path, workdir: Path, *extra: str, name: str | None = None,
                  timeout: float = 120.0) -> WorkerProc:
     name = name or role
-    port_file = workdir / f"{name}.port"
-    log_path = workdir / f"{name}.log"
-    cmd = [sys.executable, "-m", "splitserve", "worker", "--role", role, "--model", str(model_dir),
-           "--port", "0", "--port-file", str(port_file), *extra]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    proc, port, log_path = spawn(["worker", "--role", role, "--model", str(model_dir), *extra],
+                                 workdir, name, timeout)
+    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise RuntimeError(f"worker {name} did not start (exit {proc.poll()}):\n{log_path.read_text()[-4000:]}")
-        if port_file.exists() and port_file.read_text().strip():
-            url = f"http://127.0.0.1:{int(port_file.read_text())}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    info = msgspec.json.decode(httpx.get(f"{url}/info", timeout=2).content, type=p.WorkerInfo)
-                    return WorkerProc(role, proc, url, info, log_path)
-            except httpx.HTTPError:
-                pass
+            raise RuntimeError(f"worker {name} did not become healthy (exit {proc.poll()}):\n"
+                               f"{log_path.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                info = msgspec.json.decode(httpx.get(f"{url}/info", timeout=2).content, type=p.WorkerInfo)
+                return WorkerProc(role, proc, url, info, log_path)
+        except httpx.HTTPError:
+            pass
         time.sleep(0.1)
 
 
