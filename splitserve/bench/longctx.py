@@ -68,7 +68,7 @@ def run(args) -> int:
                                 "ratio": ttft / agg_ttft[n], "transfer_gb_s": gbps, "kv": kv,
                                 "kv_bytes_per_request": nbytes / max(ok + fallbacks, 1)})
     print(f"machine: {machine()}")
-    print_table(["prompt tokens", "TTFT agg s", "TTFT disagg s", "disagg/agg", "transfer GB/s", "KV"], rows,
+    print_table(["prompt tokens", "TTFT agg s", "TTFT disagg s", "disagg/agg", "KV GB/s over fetch (incl. compute wait)", "KV"], rows,
                 title=f"\nlongctx: medians of {args.repeats} (transport {args.kv_transport})")
     write_json(args.json, {"machine": machine(), "transport": args.kv_transport, "results": results})
     return 0
