@@ -7,6 +7,8 @@ async iterator.
 
 from __future__ import annotations
 
+import asyncio
+
 from abc import ABC, abstractmethod
 from typing import AsyncIterator
 
@@ -71,3 +73,12 @@ def diff_snapshots(old: dict[str, WorkerRecord],
     events += [WatchEvent("put", wid, rec) for wid, rec in sorted(new.items())
                if old.get(wid) != rec]
     return events
+
+
+async def sleep_unless_closed(closed: asyncio.Event, seconds: float) -> None:
+    """Wait `seconds`, or less if `closed` is set first: background loops of a backend
+    must stop promptly on close()."""
+    try:
+        await asyncio.wait_for(closed.wait(), seconds)
+    except asyncio.TimeoutError:
+        pass

@@ -21,7 +21,7 @@ import aetcd.exceptions
 import aetcd.rtypes
 import msgspec
 
-from splitserve.discovery.base import Discovery, DiscoveryError, diff_snapshots
+from splitserve.discovery.base import Discovery, DiscoveryError, diff_snapshots, sleep_unless_closed
 from splitserve.discovery.record import WatchEvent, WorkerRecord, decode_record, encode_record
 
 logger = logging.getLogger(__name__)
@@ -172,10 +172,7 @@ class EtcdDiscovery(Discovery):
                     break
                 logger.warning("etcd watch on %s failed (%s); resynchronising in %.1f s",
                                self.config.prefix.decode(), e, retry_s)
-                try:
-                    await asyncio.wait_for(self._closed.wait(), retry_s)
-                except asyncio.TimeoutError:
-                    pass
+                await sleep_unless_closed(self._closed, retry_s)
                 retry_s = min(retry_s * 2, _RETRY_MAX_S)
 
     async def close(self) -> None:

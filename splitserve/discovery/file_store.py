@@ -22,7 +22,7 @@ from typing import AsyncIterator
 
 import msgspec
 
-from splitserve.discovery.base import Discovery, DiscoveryError, diff_snapshots
+from splitserve.discovery.base import Discovery, DiscoveryError, diff_snapshots, sleep_unless_closed
 from splitserve.discovery.record import WatchEvent, WorkerRecord, decode_record, encode_record
 
 logger = logging.getLogger(__name__)
@@ -96,10 +96,7 @@ class FileDiscovery(Discovery):
             for event in diff_snapshots(known, current):
                 yield event
             known = current
-            try:
-                await asyncio.wait_for(self._closed.wait(), self.config.poll_s)
-            except asyncio.TimeoutError:
-                pass
+            await sleep_unless_closed(self._closed, self.config.poll_s)
 
     async def close(self) -> None:
         if self._closed.is_set():

@@ -25,7 +25,7 @@ _ROLES_WITH_PREFIX_CACHE = ("prefill", "both")
 
 
 class _BadReply(Exception):
-    pass
+    """A worker answered /kv_events with something other than an event stream."""
 
 
 class KVEventFeed:
