@@ -27,7 +27,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     worker_id = args.worker_id or f"{worker_config.role}-{socket.gethostname()}-{os.getpid()}"
     if "/" in worker_id:
         parser.error(f"--worker-id must not contain '/', got {worker_id!r}")
-    configure_logging("worker", args.log_level)
+    # The role in every line: in `serve`'s combined output prefill and decode lines differ.
+    configure_logging(f"worker {worker_config.role}", args.log_level)
     # Heavy imports (torch, the model code) after argument errors had their chance.
     from splitserve.engine.llm_engine import LLMEngine
     from splitserve.worker.app import create_app
