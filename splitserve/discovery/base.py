@@ -82,3 +82,18 @@ async def sleep_unless_closed(closed: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(closed.wait(), seconds)
     except asyncio.TimeoutError:
         pass
+
+
+async def stop_and_withdraw(discovery: Discovery, closed: asyncio.Event,
+                            background: asyncio.Task | None, own_ids) -> bool:
+    """The shared first half of a backend's close(): mark it closed, stop its background
+    keep-alive task, withdraw what it registered. False when it was already closed."""
+    if closed.is_set():
+        return False
+    closed.set()
+    if background is not None:
+        background.cancel()
+        await asyncio.gather(background, return_exceptions=True)
+    for worker_id in list(own_ids):
+        await discovery.deregister(worker_id)
+    return True

@@ -21,7 +21,8 @@ import aetcd.exceptions
 import aetcd.rtypes
 import msgspec
 
-from splitserve.discovery.base import Discovery, DiscoveryError, diff_snapshots, sleep_unless_closed
+from splitserve.discovery.base import (Discovery, DiscoveryError, diff_snapshots,
+                                       sleep_unless_closed, stop_and_withdraw)
 from splitserve.discovery.record import WatchEvent, WorkerRecord, decode_record, encode_record
 
 logger = logging.getLogger(__name__)
@@ -176,14 +177,8 @@ class EtcdDiscovery(Discovery):
                 retry_s = min(retry_s * 2, _RETRY_MAX_S)
 
     async def close(self) -> None:
-        if self._closed.is_set():
+        if not await stop_and_withdraw(self, self._closed, self._keepalive, self._own):
             return
-        self._closed.set()
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            await asyncio.gather(self._keepalive, return_exceptions=True)
-        for worker_id in list(self._own):
-            await self.deregister(worker_id)
         # Also ends this instance's watches: the client's watcher delivers end-of-stream.
         await self._client.close()
 

@@ -22,7 +22,8 @@ from typing import AsyncIterator
 
 import msgspec
 
-from splitserve.discovery.base import Discovery, DiscoveryError, diff_snapshots, sleep_unless_closed
+from splitserve.discovery.base import (Discovery, DiscoveryError, diff_snapshots,
+                                       sleep_unless_closed, stop_and_withdraw)
 from splitserve.discovery.record import WatchEvent, WorkerRecord, decode_record, encode_record
 
 logger = logging.getLogger(__name__)
@@ -99,14 +100,7 @@ class FileDiscovery(Discovery):
             await sleep_unless_closed(self._closed, self.config.poll_s)
 
     async def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
-        for worker_id in list(self._own):
-            await self.deregister(worker_id)
+        await stop_and_withdraw(self, self._closed, self._renewer, self._own)
 
     # --- internals ------------------------------------------------------------------
 
