@@ -187,7 +187,3 @@ class WorkerMetrics:
         self.kv_transfer_seconds = Histogram(
             KV_TRANSFER_SECONDS, "Duration of KV fetches, any outcome (decode side)",
             buckets=_LATENCY_BUCKETS, registry=self.registry)
-
-
-def worker_registry(stats: Callable[[], EngineStats | None]) -> CollectorRegistry:
-    return WorkerMetrics(stats).registry
