@@ -105,22 +105,24 @@ def test_cluster_entry_names_role_addresses_state_and_last_healthy():
     assert p0.to_json() == {
         "id": "p0", "role": "prefill", "api_url": "http://p0", "metrics_url": "http://p0/metrics",
         "kv_address": "127.0.0.1:7002", "state": "ready", "reason": None,
-        "last_healthy": p0.last_healthy, "load": None, "kv_usage": None, "last_heartbeat": None}
+        "last_healthy": p0.last_healthy, "load": None, "kv_usage": None, "last_heartbeat": None,
+        "restarts": None}
     assert p0.last_healthy >= before
-    # With a discovery record: its load, KV usage and heartbeat; 'draining' is not routable.
+    # With a discovery record: its load, KV usage, heartbeat and restarts; 'failed' is not
+    # routable.
     p0.record = WorkerRecord(worker_id="p0", role="prefill", api_url="http://p0",
-                             metrics_url="http://p0:9/metrics", model_name="tiny", state="draining",
+                             metrics_url="http://p0:9/metrics", model_name="tiny", state="failed",
                              num_requests_running=2, num_requests_waiting=1,
                              num_pending_prefill_tokens=300, kv_blocks_in_use=25,
-                             kv_blocks_total=100, last_heartbeat=1234.5)
+                             kv_blocks_total=100, last_heartbeat=1234.5, restarts=2)
     entry = p0.to_json()
     assert {k: entry[k] for k in ("metrics_url", "state", "reason", "load", "kv_usage",
-                                  "last_heartbeat")} == {
-        "metrics_url": "http://p0:9/metrics", "state": "draining",
-        "reason": "its discovery record says draining",
+                                  "last_heartbeat", "restarts")} == {
+        "metrics_url": "http://p0:9/metrics", "state": "failed",
+        "reason": "its discovery record says failed",
         "load": {"running": 2, "waiting": 1, "pending_prefill_tokens": 300},
         "kv_usage": {"blocks_in_use": 25, "blocks_total": 100, "fraction": 0.25},
-        "last_heartbeat": 1234.5}
+        "last_heartbeat": 1234.5, "restarts": 2}
     assert not p0.ready and p0.load().num_requests == 3
     d0 = _worker("decode", "d0", WorkerState.UNREACHABLE)
     entry = d0.to_json()

@@ -12,10 +12,11 @@ from typing import Literal
 import msgspec
 
 Role = Literal["prefill", "decode", "both"]
-# loading: registered, model not ready yet; ready: takes requests; draining: finishing
-# its requests before a clean exit; failed: up but unusable (the reason is in its
-# /health); unknown: discovery cannot tell (static lists) — the caller health-checks.
-State = Literal["loading", "ready", "draining", "failed", "unknown"]
+# loading: registered, model not ready yet; ready: takes requests; failed: up but
+# unusable (the reason is in its /health); unknown: discovery cannot tell (static
+# lists) — the caller health-checks. A worker that shuts down cleanly withdraws its
+# record instead of announcing a state.
+State = Literal["loading", "ready", "failed", "unknown"]
 
 
 class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -42,6 +43,9 @@ class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kv_blocks_in_use: int = 0
     kv_blocks_total: int = 0
     last_heartbeat: float = 0.0
+    # How many times its supervisor (`splitserve serve`) restarted it after a crash; the
+    # restarted process registers under the same worker_id, replacing the record.
+    restarts: int = 0
 
     def __post_init__(self) -> None:
         # Decoding runs this too, so a malformed record from another process is refused
@@ -55,6 +59,8 @@ class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if min(self.num_requests_running, self.num_requests_waiting,
                self.num_pending_prefill_tokens, self.kv_blocks_in_use, self.kv_blocks_total) < 0:
             raise ValueError("load counters must be non-negative")
+        if self.restarts < 0:
+            raise ValueError(f"restarts must be non-negative, got {self.restarts}")
 
     @property
     def kv_usage(self) -> float:

@@ -40,10 +40,10 @@ class WorkerStatus:
 
     @property
     def ready(self) -> bool:
-        # A worker that announced it is draining or failed takes no new requests, whatever
-        # its /health said a poll ago.
+        # A worker that announced it failed takes no new requests, whatever its /health
+        # said a poll ago.
         return self.state is WorkerState.READY and (
-            self.record is None or self.record.state not in ("draining", "failed"))
+            self.record is None or self.record.state != "failed")
 
     @property
     def role(self) -> str | None:
@@ -87,7 +87,7 @@ class WorkerStatus:
 
     @property
     def state_name(self) -> str:
-        """Its state for operators: the health state, unless its record says draining/failed."""
+        """Its state for operators: the health state, unless its record says failed."""
         if self.state is WorkerState.READY and not self.ready:
             return self.record.state
         return self.state.value
@@ -105,8 +105,9 @@ class WorkerStatus:
         return f"worker {self.url}{role}: {self.state_name}" + (f": {why}" if why else "")
 
     def to_json(self) -> dict:
-        """The worker's entry in GET /cluster. Load, KV usage and heartbeat come from the
-        discovery record (None for workers that publish none, e.g. a static list)."""
+        """The worker's entry in GET /cluster. Load, KV usage, heartbeat and restarts (by
+        its supervisor) come from the discovery record (None for workers that publish
+        none, e.g. a static list)."""
         rec = self.record if self.record is not None and self.record.state != "unknown" else None
         return {"id": self.worker_id, "role": self.role, "api_url": self.url,
                 "metrics_url": rec.metrics_url if rec else f"{self.url}/metrics",
@@ -119,5 +120,6 @@ class WorkerStatus:
                 "kv_usage": None if rec is None else {
                     "blocks_in_use": rec.kv_blocks_in_use, "blocks_total": rec.kv_blocks_total,
                     "fraction": round(rec.kv_usage, 4)},
-                "last_heartbeat": None if rec is None else rec.last_heartbeat}
+                "last_heartbeat": None if rec is None else rec.last_heartbeat,
+                "restarts": None if rec is None else rec.restarts}
 
