@@ -7,7 +7,7 @@ import random
 import pytest
 
 from splitserve.router import (
-    BlockStored, InflightTracker, KVEventBatch, KVIndex, KvPolicy, NoWorkerError, RouteRequest,
+    BlockStored, InflightTracker, KVEventBatch, KVIndex, KvPolicy, RouteRequest,
     RouterConfig, WorkerLoad, make_policy)
 from splitserve.router.simple import RandomPolicy, RoundRobinPolicy
 
@@ -165,9 +165,9 @@ def test_random_is_seeded_and_uses_every_worker():
 @pytest.mark.parametrize("name", ["round-robin", "random", "kv"])
 def test_no_candidates_is_a_clear_error(name):
     policy = make_policy(RouterConfig(policy=name), KVIndex(BS))
-    with pytest.raises(NoWorkerError, match="no prefill worker"):
+    with pytest.raises(ValueError, match="at least one prefill candidate"):
         policy.select_prefill([], RouteRequest(1))
-    with pytest.raises(NoWorkerError, match="no decode worker"):
+    with pytest.raises(ValueError, match="at least one decode candidate"):
         policy.select_decode([], RouteRequest(1))
 
 

@@ -8,12 +8,12 @@ from splitserve.router.inflight import InflightTracker
 from splitserve.router.kv import KvPolicy
 from splitserve.router.load import WorkerLoad
 from splitserve.router.policy import (
-    POLICIES, Decision, NoWorkerError, RouteRequest, RouterConfig, RoutingPolicy)
+    POLICIES, Decision, RouteRequest, RouterConfig, RoutingPolicy)
 from splitserve.router.simple import RandomPolicy, RoundRobinPolicy
 
 __all__ = [
     "AllCleared", "ApplyResult", "BlockRemoved", "BlockStored", "Decision", "InflightTracker",
-    "KVEvent", "KVEventBatch", "KVIndex", "KvPolicy", "NoWorkerError", "POLICIES",
+    "KVEvent", "KVEventBatch", "KVIndex", "KvPolicy", "POLICIES",
     "RandomPolicy", "RoundRobinPolicy", "RouteRequest", "RouterConfig", "RoutingPolicy",
     "WorkerLoad", "decode_batch", "encode_batch", "make_policy",
 ]

@@ -18,10 +18,6 @@ from splitserve.router.load import WorkerLoad
 POLICIES = ("round-robin", "random", "kv")
 
 
-class NoWorkerError(RuntimeError):
-    """No candidate worker for a role; the message names the role."""
-
-
 @dataclass(frozen=True)
 class RouterConfig:
     """overlap_weight: how many blocks of queued prefill work one cached prompt block is
@@ -75,7 +71,9 @@ class RoutingPolicy(ABC):
 
 def by_id(workers: Sequence[WorkerLoad], role: str) -> list[WorkerLoad]:
     """Candidates in a stable order (rotation and tie-breaks must not depend on the order
-    discovery happened to list them in); raises NoWorkerError when there are none."""
+    discovery happened to list them in). The caller asks a policy only when it has a
+    candidate (the frontend answers "no ready … worker" itself), so none is a bug: a
+    ValueError naming the role rather than an IndexError deep in a policy."""
     if not workers:
-        raise NoWorkerError(f"no {role} worker available")
+        raise ValueError(f"a routing policy needs at least one {role} candidate")
     return sorted(workers, key=lambda w: w.worker_id)
