@@ -12,6 +12,7 @@ from splitserve.engine.kv_cache import KVLayout
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.request import Request, RequestStatus
+from splitserve.engine.sampler import SampleFailure
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.types import EngineStats, FinishReason, KVProgress, RequestOutput, SamplingParams
 from splitserve.model.config import ModelArchConfig
@@ -87,9 +88,14 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         if not prompt_token_ids:
             raise RequestError("the prompt is empty", "prompt")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.arch.vocab_size), None)
+        vocab = self.arch.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise RequestError(f"token id {bad} is outside the vocabulary [0, {self.arch.vocab_size})", "prompt")
+            raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
+        bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise RequestError(f"stop token id {bad} is outside the vocabulary [0, {vocab})",
+                               "stop_token_ids")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(
@@ -187,9 +193,15 @@ class LLMEngine:
         sampled = self.runner.execute(sched)
         for s in sched.scheduled:
             req = s.request
+            token = sampled.get(req.request_id)
+            if isinstance(token, SampleFailure):
+                # This request alone fails; its blocks of this step are not cached (their
+                # KV may be as broken as its logits). The rest of the batch goes on.
+                self._fail(req, str(token))
+                outputs.append(self._output(req, [], error=str(token)))
+                continue
             req.num_computed_tokens += s.num_new_tokens
             self.kv_manager.cache_computed_blocks(req)
-            token = sampled.get(req.request_id)
             if token is None:
                 if req.hold:
                     outputs.append(self._output(req, []))   # progress for the peer
@@ -207,12 +219,18 @@ class LLMEngine:
             self.scheduler.finish(req)
             del self._requests[req.request_id]
 
-    def _output(self, req: Request, new_tokens: list[int]) -> RequestOutput:
+    def _fail(self, req: Request, reason: str) -> None:
+        logger.warning("request_id=%s failed: %s", req.request_id, reason)
+        req.finish_reason = FinishReason.ERROR
+        self._finish(req)
+
+    def _output(self, req: Request, new_tokens: list[int], error: str | None = None) -> RequestOutput:
         progress = None
         if req.hold:
-            # A finished prefill's prompt blocks are all final (the sampled token's KV is
-            # never computed here); before that, only completely computed blocks are.
-            done = req.num_prompt_tokens if req.status is RequestStatus.FINISHED else req.num_computed_tokens
+            # Once a token is sampled the prompt's blocks are all final (the sampled token's
+            # KV is never computed here); before that (aborted or failed included) only
+            # completely computed blocks are.
+            done = req.num_prompt_tokens if req.num_output_tokens else req.num_computed_tokens
             bs = self.kv_manager.block_size
             ready = -(-done // bs) if done >= req.num_prompt_tokens else done // bs
             progress = KVProgress(min(done, req.num_prompt_tokens), ready,
@@ -221,7 +239,8 @@ class LLMEngine:
             request_id=req.request_id, new_token_ids=new_tokens,
             finished=req.status is RequestStatus.FINISHED, finish_reason=req.finish_reason,
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
-            num_transferred_tokens=req.num_transferred_tokens, kv_progress=progress)
+            num_transferred_tokens=req.num_transferred_tokens, kv_progress=progress,
+            error=error)
 
     def fingerprint(self) -> dict[str, str]:
         """What a KV peer must share with this engine for its bytes to mean the same thing:

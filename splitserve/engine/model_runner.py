@@ -7,7 +7,7 @@ import torch
 
 from splitserve.engine.attention import PagedAttention, SeqSlice
 from splitserve.engine.kv_cache import KVLayout
-from splitserve.engine.sampler import Sampler
+from splitserve.engine.sampler import SampleFailure, Sampler
 from splitserve.engine.scheduler import SchedulerOutput
 
 
@@ -21,9 +21,10 @@ class ModelRunner:
         self.sampler = Sampler(seed)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> dict[str, int]:
+    def execute(self, sched: SchedulerOutput) -> dict[str, int | SampleFailure]:
         """Runs the forward for every scheduled request; returns request id -> sampled
-        token for the requests whose known tokens are now all computed."""
+        token (or why that request's row could not be sampled) for the requests whose
+        known tokens are now all computed."""
         bs = self.layout.block_size
         input_ids: list[int] = []
         positions: list[torch.Tensor] = []

@@ -3,6 +3,10 @@
 Greedy rows are resolved with one batched argmax. Random rows are sampled one by one so
 that a request with a seed consumes only its own generator: its output is reproducible
 whatever else shares the batch.
+
+A row that cannot be sampled (non-finite logits, probabilities torch refuses, any error
+while sampling it) yields a SampleFailure for that row alone: one request's bad numbers
+must never stop the batch, or the engine.
 """
 
 from __future__ import annotations
@@ -10,6 +14,10 @@ from __future__ import annotations
 import torch
 
 from splitserve.engine.types import SamplingParams
+
+
+class SampleFailure(Exception):
+    """Why one row could not be sampled; the engine fails that request with it."""
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -33,20 +41,36 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> list[int]:
-        """logits: [N, V] float32 (on any device); one token per row."""
+               generators: list[torch.Generator | None]) -> list[int | SampleFailure]:
+        """logits: [N, V] float32 (on any device); one token, or the row's failure, per row."""
         logits = logits.float()
-        greedy = [i for i, p in enumerate(params) if p.greedy]
-        out = [0] * len(params)
+        finite = torch.isfinite(logits).all(-1).tolist()
+        out: list[int | SampleFailure] = [
+            0 if ok else SampleFailure("the model produced non-finite logits (NaN or infinity)")
+            for ok in finite]
+        greedy = [i for i, p in enumerate(params) if p.greedy and finite[i]]
         if greedy:
             ids = logits[greedy].argmax(-1).tolist()
             for i, t in zip(greedy, ids):
                 out[i] = t
         for i, p in enumerate(params):
-            if p.greedy:
+            if p.greedy or not finite[i]:
                 continue
-            row = apply_top_k_top_p(logits[i].cpu() / p.temperature, p.top_k, p.top_p)
-            probs = row.softmax(-1)
-            gen = generators[i] or self.generator
-            out[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+            try:
+                out[i] = self._sample_row(logits[i], p, generators[i] or self.generator)
+            except SampleFailure as e:
+                out[i] = e
+            except Exception as e:  # noqa: BLE001 - any error here is this row's alone
+                out[i] = SampleFailure(f"sampling failed: {type(e).__name__}: {e}")
         return out
+
+    @staticmethod
+    def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+        row = apply_top_k_top_p(logits.cpu() / p.temperature, p.top_k, p.top_p)
+        probs = row.softmax(-1)
+        # NOTE: a finite row over a temperature >= SAMPLING_EPS stays finite; checked anyway,
+        # so that torch.multinomial never sees what it would raise on.
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+            raise SampleFailure(f"the probabilities at temperature {p.temperature} are not a "
+                                "distribution (NaN, infinity or all zero)")
+        return int(torch.multinomial(probs, 1, generator=gen).item())

@@ -43,10 +43,6 @@ class SchedulerOutput:
     preempted: list[str] = field(default_factory=list)
 
     @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
     def empty(self) -> bool:
         return not self.scheduled
 

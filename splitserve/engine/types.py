@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
+
+# vLLM's _SAMPLING_EPS: a temperature below it is greedy. Dividing logits by a smaller one
+# overflows float32 (1e-40 turns every logit into +-inf and the probabilities into NaN).
+SAMPLING_EPS = 1e-5
+# Token ids are below 2**31 in every vocabulary (and fit the KV protocol's bound); the
+# engine checks the model's own vocabulary size on top of this.
+MAX_TOKEN_ID = 2**31 - 1
+MAX_STOP_TOKEN_IDS = 1024
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1   # torch.Generator's range (vLLM's bounds too)
 
 
 class SamplingError(ValueError):
@@ -14,9 +24,22 @@ class SamplingError(ValueError):
         self.param = param
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling. temperature == 0 means greedy; top_k <= 0 disables top-k."""
+    """Per-request sampling. A temperature below SAMPLING_EPS (0 included) means greedy;
+    top_k <= 0 disables top-k.
+
+    Every field is type- and range-checked here, whatever built the object (the HTTP
+    front, a worker's /generate body, a KV frame): a value that passes can never make the
+    engine raise for this request (no NaN, no unhashable stop ids, no seed torch refuses)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -27,24 +50,38 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise SamplingError(f"max_tokens must be at least 1, got {self.max_tokens}", "max_tokens")
-        if self.temperature < 0:
-            raise SamplingError(f"temperature must be non-negative, got {self.temperature}", "temperature")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise SamplingError(f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}", "top_k")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise SamplingError(f"max_tokens must be at least 1, got {self.max_tokens!r}", "max_tokens")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SamplingError(f"temperature must be a finite non-negative number, got "
+                                f"{self.temperature!r}", "temperature")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= MAX_TOKEN_ID:
+            raise SamplingError(f"top_k must be -1, 0 (disabled) or positive (at most "
+                                f"{MAX_TOKEN_ID}), got {self.top_k!r}", "top_k")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise SamplingError(f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}", "seed")
+        if not isinstance(self.stop_token_ids, tuple) or len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise SamplingError(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} "
+                                "token ids", "stop_token_ids")
+        bad = next((t for t in self.stop_token_ids if not _is_int(t) or not 0 <= t <= MAX_TOKEN_ID), None)
+        if bad is not None:
+            raise SamplingError(f"stop_token_ids must hold token ids in [0, {MAX_TOKEN_ID}], got "
+                                f"{bad!r}", "stop_token_ids")
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", "ignore_eos")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"          # EOS or a stop token id
     LENGTH = "length"      # max_tokens or max_model_len reached
     ABORT = "abort"        # aborted by the caller
+    ERROR = "error"        # the engine failed this request alone (RequestOutput.error says why)
 
 
 @dataclass
@@ -70,6 +107,7 @@ class RequestOutput:
     num_cached_tokens: int = 0          # prompt tokens reused from this engine's prefix cache
     num_transferred_tokens: int = 0     # prompt tokens whose KV another worker computed
     kv_progress: KVProgress | None = None
+    error: str | None = None            # set with FinishReason.ERROR
 
 
 @dataclass
@@ -84,4 +122,3 @@ class EngineStats:
     num_preemptions: int = 0
     num_reserved_requests: int = 0
     num_held_requests: int = 0
-    extra: dict = field(default_factory=dict)

@@ -26,7 +26,7 @@ from splitserve.engine.types import EngineStats, RequestOutput, SamplingError
 from splitserve.metrics import WorkerMetrics
 from splitserve.transfer.config import TransferStats
 from splitserve.worker import protocol as p
-from splitserve.worker.async_engine import AsyncEngine, EngineDeadError, EngineState
+from splitserve.worker.async_engine import AsyncEngine, EngineDeadError, EngineState, RequestFailed
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.kv_events import KVEventPublisher
 from splitserve.worker.kv_port import KVPort
@@ -205,6 +205,6 @@ async def _ndjson(request_id: str, outputs: AsyncIterator[RequestOutput]) -> Asy
                 new_token_ids=out.new_token_ids, finish_reason=reason,
                 num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
                 num_transferred_tokens=out.num_transferred_tokens))
-    except EngineDeadError as e:
+    except (EngineDeadError, RequestFailed) as e:
         logger.error("request_id=%s failed: %s", request_id, e)
         yield p.encode_line(p.GenerateChunk(error=str(e)))

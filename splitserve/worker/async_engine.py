@@ -33,6 +33,11 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed; no request on this worker can complete."""
 
 
+class RequestFailed(RuntimeError):
+    """The engine failed this one request (e.g. its sampling); the engine and every other
+    request go on."""
+
+
 class AsyncEngine:
     def __init__(self, factory: Callable[[], Any], on_fatal: Callable[[str], None],
                  on_kv_events: Callable[[list], None] | None = None):
@@ -131,6 +136,8 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if item.error is not None:    # finished: the engine holds nothing of it
+                    raise RequestFailed(item.error)
                 yield item
         finally:
             self._streams.pop(request_id, None)
