@@ -11,10 +11,17 @@ files with that prefix in that directory, read-only.
   more than copying them (~0.25 GB/s measured here).
 - `map_readonly`: D caches its mappings by (path, inode, size), so each page is faulted
   into D once per process lifetime, not once per request.
+
+Files outlive a SIGKILLed owner (tmpfs has no owner to clean up after), so each owner
+holds a shared flock on its file until it unlinks it, and `remove_stale_files` (run when
+a RingPool is made, i.e. when a KV server starts) removes every file whose lock it can
+take: nobody holds it, so its owner is gone, whatever became of its pid.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import mmap
 import os
 import secrets
@@ -26,6 +33,8 @@ import torch
 
 from splitserve.transfer.protocol import ProtocolError
 
+logger = logging.getLogger(__name__)
+
 PREFIX = "splitserve-kv-"
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
@@ -34,44 +43,97 @@ def shm_dir() -> str:
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
-def _create(size: int) -> tuple[str, mmap.mmap]:
+def _create(size: int) -> tuple[str, int, mmap.mmap]:
+    """A new file of `size` bytes, mapped read-write; its fd holds the owner's lock and
+    must stay open until the file is unlinked (_remove)."""
     path = os.path.join(shm_dir(), f"{PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
         os.ftruncate(fd, size)
-        return path, mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
+        return path, fd, mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE)
     except BaseException:
-        os.unlink(path)
+        _remove(path, fd)
         raise
-    finally:
-        os.close(fd)
 
 
-def _unlink(path: str) -> None:
+def _remove(path: str, fd: int) -> None:
+    """Unlink, then let go of the lock: the file is never visible without its owner's lock."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    os.close(fd)
+
+
+def _started_at(pid: int) -> float | None:
+    """Wall-clock start time of process `pid` (to within 1 s), None if there is none."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    if fields[0] == "Z":
+        return None
+    return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")   # field 22: starttime in ticks
+
+
+def remove_stale_files(directory: str | None = None) -> list[str]:
+    """Remove the shm files of owners that are gone; the paths removed.
+
+    A file is stale when its lock can be taken. One exception: between O_CREAT and flock
+    a live owner has not locked its file yet, so a file whose named pid is alive and
+    started before the file's mtime is kept. A pid reused since (a younger process) does
+    not protect a file. mtime is set at creation; writes through the mapping can only
+    move it later, which errs towards keeping a file."""
+    directory = directory or shm_dir()
+    removed = []
+    for name in os.listdir(directory):
+        pid = name[len(PREFIX):].split("-", 1)[0]
+        if not name.startswith(PREFIX) or not pid.isdigit():
+            continue
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue    # gone meanwhile, or not ours to touch
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            started = _started_at(int(pid))
+            if started is not None and started <= os.fstat(fd).st_mtime + 1.0:
+                continue
+            os.unlink(path)
+            removed.append(path)
+        except BlockingIOError:
+            continue    # its owner holds the lock
+        except FileNotFoundError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 class Ring:
     """A P-side staging ring: one file, mapped read-write."""
 
     def __init__(self, size: int):
-        self.path, self._mm = _create(size)
+        self.path, self._fd, self._mm = _create(size)
         self.size = size
         self.mem = memoryview(self._mm)
 
     def destroy(self) -> None:
         self.mem.release()
         self._mm.close()
-        _unlink(self.path)
+        _remove(self.path, self._fd)
 
 
 class RingPool:
-    """Rings kept for reuse, at most `keep` idle ones; all unlinked on close()."""
+    """Rings kept for reuse, at most `keep` idle ones; all unlinked on close(). Made when a
+    KV server starts, so it first removes what dead servers left (remove_stale_files)."""
 
     def __init__(self, slot_bytes: int, ring_bytes: int, keep: int = 4):
+        for path in remove_stale_files():
+            logger.info("removed %s: its owner is gone", path)
         # At least two slots so copying the next frame overlaps D's copy-out.
         self.size = max(2, ring_bytes // slot_bytes) * slot_bytes
         self.slot_bytes = slot_bytes
@@ -101,7 +163,7 @@ class RingPool:
             ring.destroy()
 
 
-_SHARED: dict[int, tuple[str, int]] = {}   # data_ptr -> (path, size) of shared KV tensors
+_SHARED: dict[int, tuple[str, int, int]] = {}   # data_ptr -> (path, size, fd) of shared KV tensors
 
 
 def allocate_shared_kv(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -110,20 +172,21 @@ def allocate_shared_kv(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tens
     NOTE: the tensor keeps the mapping alive; call `free_shared_kv` to remove the name.
     """
     size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-    path, mm = _create(size)
+    path, fd, mm = _create(size)
     kv = torch.frombuffer(mm, dtype=dtype).view(shape)
-    _SHARED[kv.data_ptr()] = (path, size)
+    _SHARED[kv.data_ptr()] = (path, size, fd)
     return kv
 
 
 def shared_kv_file(kv: torch.Tensor) -> tuple[str, int] | None:
-    return _SHARED.get(kv.data_ptr())
+    entry = _SHARED.get(kv.data_ptr())
+    return None if entry is None else entry[:2]
 
 
 def free_shared_kv(kv: torch.Tensor) -> None:
     entry = _SHARED.pop(kv.data_ptr(), None)
     if entry is not None:
-        _unlink(entry[0])
+        _remove(entry[0], entry[2])
 
 
 _MAPS: OrderedDict[tuple[str, int, int], memoryview] = OrderedDict()
