@@ -1,5 +1,6 @@
 """The `splitserve` command line: flags and defaults from the config dataclass, and
-`serve`'s supervision of its child processes (clean stop, a dying child, no orphans)."""
+`serve`'s supervision of its child processes (clean stop, a dying child without restarts
+left, no orphans; restarts are in test_serve_supervision)."""
 
 from __future__ import annotations
 
@@ -98,11 +99,12 @@ def test_serve_passes_engine_and_transfer_flags_to_its_workers_but_not_the_secre
     config = engine_config_from_args(parser, args)
     discovery = _discovery_argv("etcd://10.0.0.9:2379", _serve(
         ["--namespace", "prod", "--discovery-ttl", "4"])[1])
-    prefill = _worker_argv("prefill", tmp_path / "p.port", args, config, discovery)
-    decode = _worker_argv("decode", tmp_path / "d.port", args, config, discovery)
+    prefill = _worker_argv("prefill", tmp_path / "p.port", args, config, discovery, "prefill-0-h-1")
+    decode = _worker_argv("decode", tmp_path / "d.port", args, config, discovery, "decode-0-h-1")
     assert "s3cret" not in prefill + decode  # it travels in the environment
     worker = build_parser().parse_args(prefill[3:])  # argv: python -m splitserve worker ...
-    assert (worker.role, worker.host, worker.port, worker.kv_port) == ("prefill", "127.0.0.1", 0, 0)
+    assert (worker.role, worker.host, worker.port, worker.kv_port, worker.worker_id) == (
+        "prefill", "127.0.0.1", 0, 0, "prefill-0-h-1")
     assert (worker.discovery, worker.namespace, worker.discovery_ttl) == ("etcd://10.0.0.9:2379", "prod", 4)
     assert (worker.kv_transport, worker.kv_stall_timeout, worker.kv_lease, worker.kv_fallback,
             worker.advertise_host) == ("tcp", 5.0, 12.0, "fail", "10.0.0.7")
@@ -133,15 +135,16 @@ def test_serve_supervision_aggregated(tiny_llama_dir, tmp_path):
     assert srv.stop(signal.SIGTERM) == 0
     assert _wait_gone(children) == []
 
-    # A child that dies takes serve down, with a message naming it.
+    # A child that dies with no restart allowed takes serve down, with a message naming it.
     (tmp_path / "b").mkdir()
-    srv = start_serve(tiny_llama_dir, tmp_path / "b", "--aggregated")
+    srv = start_serve(tiny_llama_dir, tmp_path / "b", "--aggregated", "--max-restarts", "0")
     by_part = {open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")[3].decode(): pid
                for pid in child_pids(srv.process.pid)}  # argv: python -m splitserve PART ...
     worker, frontend = by_part["worker"], by_part["frontend"]
     subprocess.run(["kill", "-KILL", str(worker)], check=True)
     assert srv.process.wait(30) == 1
-    assert f"worker (pid {worker}) exited with code -9; stopping everything" in srv.log()
+    assert (f"worker (pid {worker}) was killed by SIGKILL; it exited 1 times within 300s (exit "
+            f"codes: SIGKILL), more than the 0 restarts allowed") in srv.log()
     assert _wait_gone([frontend]) == []
 
     # serve itself killed: the kernel takes the children down too (no orphans).
@@ -154,7 +157,7 @@ def test_serve_supervision_aggregated(tiny_llama_dir, tmp_path):
 
 
 def test_serve_supervises_every_worker_and_hands_them_the_secret_privately(tiny_llama_dir, tmp_path):
-    srv = start_serve(tiny_llama_dir, tmp_path, "--kv-secret", "s3cret")
+    srv = start_serve(tiny_llama_dir, tmp_path, "--kv-secret", "s3cret", "--max-restarts", "0")
     cmdlines = {pid: open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
                 for pid in child_pids(srv.process.pid)}
     roles = {pid: argv[argv.index(b"--role") + 1].decode() for pid, argv in cmdlines.items()
@@ -171,5 +174,5 @@ def test_serve_supervises_every_worker_and_hands_them_the_secret_privately(tiny_
     decode = next(pid for pid, role in roles.items() if role == "decode")
     subprocess.run(["kill", "-KILL", str(decode)], check=True)
     assert srv.process.wait(30) == 1
-    assert f"decode-0 (pid {decode}) exited with code -9; stopping everything" in srv.log()
+    assert f"decode-0 (pid {decode}) was killed by SIGKILL; it exited 1 times" in srv.log()
     assert _wait_gone(list(cmdlines)) == []

@@ -15,6 +15,7 @@ from splitserve.cli.discovery_args import add_discovery_args
 from splitserve.cli.engine_args import add_engine_arguments, add_transfer_args
 from splitserve.cli.frontend_args import add_frontend_args
 from splitserve.cli.logs import LEVELS
+from splitserve.cli.supervision_args import add_supervision_args
 from splitserve.worker.protocol import ROLES
 
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_transfer_args(serve)
     add_frontend_args(serve)
     add_discovery_args(serve, "serve")
+    add_supervision_args(serve)
     _common(serve)
     serve.set_defaults(module="splitserve.cli.serve_cmd", parser=serve)
 

@@ -7,8 +7,13 @@ by default a `file:` store in a temporary directory that serve creates and remov
 Order: every worker starts on a free loopback port (prefill workers also on a free KV
 port) and registers itself; once every worker's /health says ok, the frontend starts on
 --host/--port, finds them in discovery and routes with --router (default kv). Ctrl-C or
-SIGTERM stops everything; a child that dies takes the whole serve down with a message
-naming it.
+SIGTERM stops everything.
+
+A child that dies (at start-up too) is restarted with backoff (supervisor.RestartPolicy:
+--max-restarts per --restart-window); the others keep serving meanwhile. A restarted
+worker keeps its worker id, so its new record (new free ports, `restarts` counted)
+replaces the old one in discovery; a restarted frontend takes the same port. A child
+over its budget stops everything: serve exits 1 naming it and its exit codes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -30,7 +36,8 @@ from splitserve.cli.engine_args import (engine_argv, engine_config_from_args, tr
                                         worker_config_from_args)
 from splitserve.cli.frontend_args import frontend_argv, frontend_config_from_args
 from splitserve.cli.logs import configure_logging
-from splitserve.cli.supervisor import Child, Supervisor
+from splitserve.cli.supervision_args import restart_policy_from_args
+from splitserve.cli.supervisor import RestartLimitReached, Supervisor
 from splitserve.config import EngineConfig
 from splitserve.worker.config import SECRET_ENV
 
@@ -41,7 +48,7 @@ _BASE = [sys.executable, "-m", "splitserve"]
 
 
 class _Stopped(Exception):
-    """Start-up was interrupted by a signal or a dead child; the message says which."""
+    """Start-up was interrupted by a signal."""
 
 
 def _worker_roles(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -78,13 +85,13 @@ def _discovery_argv(url: str, args: argparse.Namespace) -> list[str]:
 
 
 def _worker_argv(role: str, port_file: Path, args: argparse.Namespace, config: EngineConfig,
-                 discovery: list[str]) -> list[str]:
-    """One worker child: on loopback, on free ports (the API port lands in port_file; a
-    prefill worker's KV port is in its discovery record and /info)."""
+                 discovery: list[str], worker_id: str) -> list[str]:
+    """One worker child: on loopback, on free ports, fresh at each restart (the API port
+    lands in port_file; a prefill worker's KV port is in its discovery record and /info)."""
     kv = ["--kv-port", "0"] if role == "prefill" else []
     return [*_BASE, "worker", "--role", role, "--host", "127.0.0.1", "--port", "0",
-            "--port-file", str(port_file), *kv, "--log-level", args.log_level,
-            *engine_argv(config), *transfer_argv(args), *discovery]
+            "--port-file", str(port_file), *kv, "--worker-id", worker_id,
+            "--log-level", args.log_level, *engine_argv(config), *transfer_argv(args), *discovery]
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -92,6 +99,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     roles = _worker_roles(parser, args)
     frontend_config_from_args(parser, args)
     _check_discovery(parser, args)
+    policy = restart_policy_from_args(parser, args)
     configure_logging("serve", args.log_level)
     stop = threading.Event()
 
@@ -103,40 +111,50 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     # The secret travels in the children's environment: a command line is visible to `ps`.
     env = None if args.kv_secret is None else {**os.environ, SECRET_ENV: args.kv_secret}
-    sup = Supervisor()
+    sup = Supervisor(policy)
     # The temporary directory holds the port files and, without --discovery, the file
     # discovery store: both go when serve ends.
     with tempfile.TemporaryDirectory(prefix="splitserve-") as tmp:
         discovery = _discovery_argv(args.discovery or f"file:{Path(tmp) / 'discovery'}", args)
         logger.info("discovery: %s", " ".join(discovery))
         try:
-            port_files = {}
             for name, role in roles:
-                port_files[name] = Path(tmp) / f"{name}.port"
-                sup.spawn(name, _worker_argv(role, port_files[name], args, config, discovery), env=env)
+                port_file = Path(tmp) / f"{name}.port"
+                sup.spawn(name, _worker_argv(role, port_file, args, config, discovery,
+                                             _worker_id(name)), env=env, port_file=port_file)
             # All workers load their models in parallel; wait for each in turn.
-            for name, port_file in port_files.items():
-                url = f"http://127.0.0.1:{_wait_port_file(port_file, sup, stop)}"
-                _wait_healthy(f"{url}/health", name, sup, stop)
-            frontend_port_file = Path(tmp) / "frontend.port"
-            sup.spawn("frontend", [*_BASE, "frontend", "--host", args.host, "--port", str(args.port),
-                                   "--port-file", str(frontend_port_file), "--log-level", args.log_level,
-                                   *frontend_argv(args), *discovery])
-            port = _wait_port_file(frontend_port_file, sup, stop)
-            _wait_healthy(f"http://{_url_host(args.host)}:{port}/health", "frontend", sup, stop)
+            for name, _ in roles:
+                _wait_ready(name, sup, stop, "127.0.0.1")
+            frontend = sup.spawn("frontend", _frontend_argv(args, args.port, Path(tmp), discovery),
+                                 port_file=Path(tmp) / "frontend.port")
+            port = _wait_ready("frontend", sup, stop, _url_host(args.host))
+            # A restarted frontend takes the same port: clients keep their URL.
+            frontend.argv = _frontend_argv(args, port, Path(tmp), discovery)
             if args.port_file:
                 _write_atomic(Path(args.port_file), str(port))
             logger.info("ready: OpenAI API at http://%s:%d/v1", _url_host(args.host), port)
             while not stop.wait(_POLL_S):
-                _check_children(sup)
+                sup.poll()
             return 0
-        except _Stopped as e:
-            if stop.is_set():
-                return 0
+        except _Stopped:
+            return 0
+        except RestartLimitReached as e:
             logger.error("%s; stopping everything", e)
             return 1
         finally:
             sup.stop_all()
+
+
+def _worker_id(name: str) -> str:
+    """A worker's discovery id: kept across its restarts (the new record replaces the old
+    one), unique to this serve on this host."""
+    return f"{name}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _frontend_argv(args: argparse.Namespace, port: int, tmp: Path, discovery: list[str]) -> list[str]:
+    return [*_BASE, "frontend", "--host", args.host, "--port", str(port),
+            "--port-file", str(tmp / "frontend.port"), "--log-level", args.log_level,
+            *frontend_argv(args), *discovery]
 
 
 def _url_host(host: str) -> str:
@@ -151,31 +169,29 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _check_children(sup: Supervisor) -> None:
-    dead: Child | None = sup.exited()
-    if dead is not None:
-        raise _Stopped(f"{dead.name} (pid {dead.process.pid}) exited with code {dead.returncode}")
-
-
-def _wait_port_file(path: Path, sup: Supervisor, stop: threading.Event) -> int:
-    while not stop.wait(_POLL_S):
-        _check_children(sup)
-        if path.exists():
-            return int(path.read_text())
-    raise _Stopped("interrupted")
-
-
-def _wait_healthy(url: str, name: str, sup: Supervisor, stop: threading.Event) -> None:
-    """Wait (no deadline: a first model load may take minutes) until `url` answers 200."""
-    logger.info("waiting for %s to be healthy (%s)", name, url)
+def _wait_ready(name: str, sup: Supervisor, stop: threading.Event, host: str) -> int:
+    """Wait (no deadline: a first model load may take minutes) until child `name` listens
+    and its /health answers 200; its port. A child that exits meanwhile is restarted
+    (sup.poll) and waited for again, on its new port."""
+    logger.info("waiting for %s to be healthy", name)
     t0 = time.monotonic()
+    child = sup.children[name]
+    pid, port = None, None
     with httpx.Client(timeout=2.0) as http:
         while not stop.wait(_POLL_S):
-            _check_children(sup)
+            sup.poll()
+            if child.pid != pid:            # restarted (or waiting to be): its port is new
+                pid, port = child.pid, None
+            if not child.running:
+                continue
+            if port is None:
+                if not child.port_file.exists():
+                    continue
+                port = int(child.port_file.read_text())
             try:
-                if http.get(url).status_code == 200:
-                    logger.info("%s healthy after %.1fs", name, time.monotonic() - t0)
-                    return
+                if http.get(f"http://{host}:{port}/health").status_code == 200:
+                    logger.info("%s healthy after %.1fs (port %d)", name, time.monotonic() - t0, port)
+                    return port
             except httpx.HTTPError:
                 pass  # not listening yet
     raise _Stopped("interrupted")

@@ -16,6 +16,7 @@ from splitserve.cli.discovery_args import discovery_from_args
 from splitserve.cli.engine_args import engine_config_from_args, worker_config_from_args
 from splitserve.cli.http_server import HttpServer
 from splitserve.cli.logs import configure_logging
+from splitserve.cli.supervisor import RESTARTS_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     worker_id = args.worker_id or f"{worker_config.role}-{socket.gethostname()}-{os.getpid()}"
     if "/" in worker_id:
         parser.error(f"--worker-id must not contain '/', got {worker_id!r}")
+    # Set by `serve` when it restarts this worker after a crash; shown in /cluster.
+    restarts = os.environ.get(RESTARTS_ENV, "0")
+    if not restarts.isdigit():
+        parser.error(f"${RESTARTS_ENV} must be a non-negative integer, got {restarts!r}")
     # The role in every line: in `serve`'s combined output prefill and decode lines differ.
     configure_logging(f"worker {worker_config.role}", args.log_level)
     # Heavy imports (torch, the model code) after argument errors had their chance.
@@ -57,7 +62,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     registration = None
     if discovery is not None:
         registration = WorkerRegistration(discovery, worker_id, worker_config.role,
-                                          worker_config.advertised_host(), args.discovery_ttl, on_fatal)
+                                          worker_config.advertised_host(), args.discovery_ttl, on_fatal,
+                                          restarts=int(restarts))
     app = create_app(engine, worker_config, worker_id, publisher, registration)
     server = HttpServer(app, args.host, args.port, on_shutdown=app.state.begin_shutdown)
     if registration is not None:

@@ -25,15 +25,17 @@ _STATE_POLL_S = 0.2
 
 class WorkerRegistration:
     def __init__(self, discovery: Discovery, worker_id: str, role: str, advertised_host: str,
-                 ttl_s: float, on_fatal: Callable[[str], None]):
+                 ttl_s: float, on_fatal: Callable[[str], None], restarts: int = 0):
         """on_fatal(reason) is called on the event loop when the first registration fails
-        (discovery unreachable or refusing): a worker nobody can find must not run on."""
+        (discovery unreachable or refusing): a worker nobody can find must not run on.
+        restarts: how many times a supervisor restarted this worker (published as is)."""
         self.discovery = discovery
         self.worker_id = worker_id
         self.role = role
         self.advertised_host = advertised_host
         self.interval_s = ttl_s / 3
         self.on_fatal = on_fatal
+        self.restarts = restarts
         # NOTE: set by whoever binds the HTTP socket, before start(): the record's URLs
         # need the bound port, and `--port 0` picks it only at bind time.
         self.api_port: int | None = None
@@ -44,7 +46,7 @@ class WorkerRegistration:
         host = f"[{self.advertised_host}]" if ":" in self.advertised_host else self.advertised_host
         api_url = f"http://{host}:{self.api_port}"
         return WorkerRecord(worker_id=self.worker_id, role=self.role, api_url=api_url,
-                            metrics_url=f"{api_url}/metrics", model_name="")
+                            metrics_url=f"{api_url}/metrics", model_name="", restarts=self.restarts)
 
     async def start(self, describe: Callable[[WorkerRecord], WorkerRecord]) -> None:
         """Register describe(base_record()) and keep it fresh; describe fills in state,
