@@ -18,7 +18,8 @@ FAST = dict(stall_timeout=0.5, lease=1.0, heartbeat_interval=0.1, reconnect_back
 
 
 def request(rid: str, num_blocks: int) -> PrefillRequest:
-    return PrefillRequest(rid, list(range(num_blocks * BLOCK)), {}, num_blocks)
+    return PrefillRequest(rid, list(range(num_blocks * BLOCK)), proto.FirstTokenSampling(),
+                          num_blocks)
 
 
 def setup(num_blocks=80, **backend_kw):
@@ -67,28 +68,93 @@ def test_prefill_dies_mid_transfer_keeps_verified_prefix():
     assert mismatched_blocks(dkv, "dies", dest, r.blocks_verified) == []
 
 
-def test_stalled_prefill_is_declared_dead():
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_hung_prefill_is_busy_not_dead_and_is_dropped():
+    # P's engine hangs at block 5 while its process lives: PROGRESS heartbeats keep
+    # coming, so this is not a stall. D gives up after the busy timeout, tells P (CANCEL),
+    # and P drops the request instead of computing it for nobody.
     pkv, dkv, fp, backend = setup(blocks_per_chunk=1, stall_at_block=5)
-    cfg = TransferConfig(transport="tcp", **FAST)
-    with KVTransferServer(pkv, fp, cfg, backend) as server:
-        t0 = time.monotonic()
-        r = fetch_kv(server.address, request("stall", 20), list(range(20)), dkv, cfg, fp)
-        assert r.outcome is Outcome.STALLED, r.reason
-        assert 0.5 <= time.monotonic() - t0 < 2.0
+    cfg = TransferConfig(transport="tcp", busy_timeout=1.0, **FAST)
+    stats = TransferStats()
+    with KVTransferServer(pkv, fp, cfg, backend, stats=stats) as server:
+        r = fetch_kv(server.address, request("hung", 20), list(range(20)), dkv, cfg, fp)
+        assert r.outcome is Outcome.BUSY, r.reason
+        assert "no progress" in r.reason and "kv_busy_timeout 1.0s" in r.reason
         assert r.blocks_verified == 5
-        assert mismatched_blocks(dkv, "stall", list(range(20)), 5) == []
+        assert mismatched_blocks(dkv, "hung", list(range(20)), 5) == []
+        wait_until(lambda: backend.released == ["hung"] and server.jobs() == [])
+        wait_until(lambda: stats.prefills_cancelled == 1 and stats.blocks_pinned == 0)
+        assert stats.lease_expired == 0
 
 
-@pytest.mark.parametrize("progress_interval,outcome", [(0.1, Outcome.OK), (None, Outcome.STALLED)])
-def test_progress_keeps_slow_prefill_alive(progress_interval, outcome):
-    # Each chunk computes for longer than the stall timeout; only PROGRESS frames during
-    # the chunk tell D that P is slow rather than dead.
+def test_queued_request_hears_its_place_and_gives_up_cleanly():
+    # The first request occupies P (hung before any block); the second waits behind it.
+    # D hears where it stands in P's queue; past the busy timeout it cancels, and P drops
+    # it without ever computing it.
+    pkv, dkv, fp, backend = setup(blocks_per_chunk=1, stall_at_block=0)
+    cfg = TransferConfig(transport="tcp", busy_timeout=0.8, **FAST)
+    patient = TransferConfig(transport="tcp", busy_timeout=3.0, **FAST)
+    with KVTransferServer(pkv, fp, cfg, backend) as server:
+        first = threading.Thread(target=fetch_kv, args=(server.address, request("first", 20),
+                                                        list(range(20)), dkv, patient, fp))
+        first.start()
+        wait_until(lambda: server.jobs() == ["first"])
+        r = fetch_kv(server.address, request("second", 10), list(range(20, 30)), dkv, cfg, fp)
+        assert r.outcome is Outcome.BUSY, r.reason
+        assert "queued at position 1 with 320 prompt tokens ahead" in r.reason
+        first.join(10)
+        wait_until(lambda: sorted(backend.released) == ["first", "second"])
+        assert server.jobs() == []
+
+
+@pytest.mark.parametrize("progress_interval", [0.1, None])
+def test_slow_chunks_are_busy_not_dead(progress_interval):
+    # Each chunk computes for longer than the stall timeout. Whether or not the engine
+    # reports progress mid-chunk, P's own heartbeats say it is alive: no stall.
     pkv, dkv, fp, backend = setup(blocks_per_chunk=2, chunk_delay=0.4,
                                   progress_interval=progress_interval)
-    cfg = TransferConfig(transport="tcp", **{**FAST, "stall_timeout": 0.3})
+    cfg = TransferConfig(transport="tcp", **{**FAST, "stall_timeout": 0.3,
+                                             "heartbeat_interval": 0.1})
     with KVTransferServer(pkv, fp, cfg, backend) as server:
         r = fetch_kv(server.address, request("slow", 6), list(range(6)), dkv, cfg, fp)
-        assert r.outcome is outcome, r.reason
+        assert r.outcome is Outcome.OK, r.reason
+
+
+def test_cancelled_fetch_returns_at_once_and_p_drops_it():
+    from splitserve.transfer.client import FetchCancel
+    pkv, dkv, fp, backend = setup(blocks_per_chunk=1, stall_at_block=3)
+    cfg = TransferConfig(transport="tcp", **FAST)
+    stats, cancel = TransferStats(), FetchCancel()
+    with KVTransferServer(pkv, fp, cfg, backend) as server:
+        threading.Timer(0.3, cancel.cancel, args=("the client left",)).start()
+        t0 = time.monotonic()
+        r = fetch_kv(server.address, request("gone", 20), list(range(20)), dkv, cfg, fp,
+                     stats=stats, cancel=cancel)
+        assert r.outcome is Outcome.CANCELLED and r.reason == "the client left"
+        assert time.monotonic() - t0 < 5.0      # not the busy timeout (300 s)
+        wait_until(lambda: backend.released == ["gone"] and server.jobs() == [])
+    assert stats.transfers["cancelled"] == 1 and not stats.fallbacks
+
+
+def test_reconnects_count_a_live_prefill_as_progress():
+    # The link resets every session before any block is ready, while P computes one long
+    # chunk. Only P's PROGRESS shows it is alive; with reconnect_attempts=1 that must be
+    # enough to keep reconnecting until the KV arrives.
+    pkv, dkv, fp, backend = setup(blocks_per_chunk=20, chunk_delay=1.5, progress_interval=0.05)
+    cfg = TransferConfig(transport="tcp", **{**FAST, "reconnect_attempts": 1})
+    with KVTransferServer(pkv, fp, cfg, backend) as server, FaultProxy(server.address) as proxy:
+        proxy.reset_after(400, times=4)
+        r = fetch_kv(proxy.address, request("flaky", 20), list(range(20)), dkv, cfg, fp)
+        assert r.outcome is Outcome.OK, r.reason
+        assert proxy.resets == 4 and r.resumes == 4
+        assert backend.started == ["flaky"]
+        assert mismatched_blocks(dkv, "flaky", list(range(20)), 20) == []
 
 
 def test_frozen_link_is_declared_dead():
@@ -115,9 +181,11 @@ def test_silent_decode_loses_its_lease(caplog, silent):
         sock = socket.create_connection(server.address)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
         ch = proto.Channel(sock)
-        ch.send(proto.Hello(proto.VERSION, fp, b"n" * 16, ["tcp"], "x"))
+        ch.send(proto.Hello(proto.VERSION, b"n" * 16))
+        assert isinstance(ch.recv()[0], proto.Challenge)
+        ch.send(proto.Session(fp, ["tcp"], "x"))
         assert isinstance(ch.recv()[0], proto.HelloOk)
-        ch.send(proto.Prefill("lost-d", list(range(70 * BLOCK)), {}, 70, 0))
+        ch.send(proto.Prefill("lost-d", list(range(70 * BLOCK)), proto.FirstTokenSampling(), 70, 0))
         if silent == "disconnected":
             time.sleep(0.1)
             sock.close()

@@ -4,12 +4,13 @@ is written, and a bad peer cannot take the server down."""
 import socket
 import struct
 import threading
+import time
 
 import msgspec
 import pytest
 
 from splitserve.transfer import (KVTransferServer, Outcome, PrefillRequest, TransferConfig,
-                                 fetch_kv, kv_fingerprint)
+                                 TransferStats, fetch_kv, kv_fingerprint)
 from splitserve.transfer import protocol as proto
 from splitserve.transfer.shmfile import Ring
 from splitserve.transfer.synthetic import SyntheticBackend, make_kv, mismatched_blocks
@@ -19,7 +20,17 @@ FAST = dict(stall_timeout=1.0, lease=2.0, heartbeat_interval=0.2, reconnect_atte
 
 
 def request(rid="r", num_blocks=4):
-    return PrefillRequest(rid, list(range(num_blocks * 16)), {}, num_blocks)
+    return PrefillRequest(rid, list(range(num_blocks * 16)), proto.FirstTokenSampling(), num_blocks)
+
+
+def handshake(sock, fp, secret_proof=b""):
+    """An honest D's handshake up to HELLO_OK; returns (channel, reply to SESSION)."""
+    ch = proto.Channel(sock)
+    ch.send(proto.Hello(proto.VERSION, b"n" * 16))
+    challenge, _ = ch.recv()
+    assert isinstance(challenge, proto.Challenge)
+    ch.send(proto.Session(fp, ["tcp"], "x", secret_proof))
+    return ch, ch.recv()[0]
 
 
 def test_fingerprint_mismatch_names_both():
@@ -60,13 +71,28 @@ def test_secret_never_crosses_the_wire():
     with KVTransferServer(pkv, fp, cfg, SyntheticBackend(pkv)) as server:
         with socket.create_connection(server.address) as sock:
             ch = proto.Channel(sock)
-            ch.send(proto.Hello(proto.VERSION, fp, b"n" * 16, ["tcp"], "x"))
-            ok, _ = ch.recv()
-            assert isinstance(ok, proto.HelloOk) and len(ok.proof) == 32
-            assert b"s3cret" not in msgspec.msgpack.encode(ok)
-            ch.send(proto.Prefill("r", list(range(16)), {}, 1, 0, auth=b"x" * 32))
+            ch.send(proto.Hello(proto.VERSION, b"n" * 16))
+            challenge, _ = ch.recv()
+            assert isinstance(challenge, proto.Challenge) and len(challenge.proof) == 32
+            assert challenge.auth_required and b"s3cret" not in msgspec.msgpack.encode(challenge)
+            ch.send(proto.Session(fp, ["tcp"], "x", b"x" * 32))
             refuse, _ = ch.recv()
             assert isinstance(refuse, proto.Refuse) and refuse.code == "auth"
+
+
+def test_with_a_secret_a_refusal_reveals_nothing():
+    # A stranger with the wrong fingerprint and no secret learns neither this worker's
+    # fingerprint nor why exactly it was refused: authentication comes first.
+    pkv = make_kv(8)
+    fp = kv_fingerprint(pkv, architecture="LlamaForCausalLM")
+    cfg = TransferConfig(transport="tcp", secret="s3cret", **FAST)
+    stats = TransferStats()
+    with KVTransferServer(pkv, fp, cfg, SyntheticBackend(pkv), stats=stats) as server:
+        with socket.create_connection(server.address) as sock:
+            _, refuse = handshake(sock, {"architecture": "guess"})
+    assert isinstance(refuse, proto.Refuse) and refuse.code == "auth"
+    assert refuse.reason == "authentication failed"
+    assert stats.auth_failures == 1
 
 
 def test_other_protocol_version_is_refused_on_first_frame():
@@ -74,11 +100,11 @@ def test_other_protocol_version_is_refused_on_first_frame():
     fp = kv_fingerprint(pkv)
     with KVTransferServer(pkv, fp, TransferConfig(**FAST), SyntheticBackend(pkv)) as server:
         with socket.create_connection(server.address) as sock:
-            head = msgspec.msgpack.encode(proto.Hello(99, fp, b"n" * 16, ["tcp"], "x"))
+            head = msgspec.msgpack.encode(proto.Hello(99, b"n" * 16))
             sock.sendall(proto.PREFIX.pack(proto.MAGIC, 99, 0, len(head), 0) + head)
             refuse, _ = proto.Channel(sock).recv()
     assert isinstance(refuse, proto.Refuse) and refuse.code == "version"
-    assert "v1" in refuse.reason and "v99" in refuse.reason
+    assert f"v{proto.VERSION}" in refuse.reason and "v99" in refuse.reason
 
 
 class EvilPrefill:
@@ -95,8 +121,10 @@ class EvilPrefill:
         with sock:
             ch = proto.Channel(sock)
             hello, _ = ch.recv()
+            ch.send(proto.Challenge(b"p" * 16, b"", False))
+            session, _ = ch.recv()
             ring = self.ring
-            ch.send(proto.HelloOk(proto.VERSION, self.fp, b"p" * 16, b"", self.transport,
+            ch.send(proto.HelloOk(proto.VERSION, self.fp, self.transport,
                                   ack_every=1, shm_path=ring.path if ring else "",
                                   shm_bytes=ring.size if ring else 0))
             prefill, _ = ch.recv()
@@ -189,10 +217,8 @@ def test_hostile_decode_cannot_hurt_the_server(attack):
     backend = SyntheticBackend(pkv, blocks_per_chunk=1, stall_at_block=2)
     with KVTransferServer(pkv, fp, cfg, backend) as server:
         with socket.create_connection(server.address) as sock:
-            ch = proto.Channel(sock)
-            ch.send(proto.Hello(proto.VERSION, fp, b"n" * 16, ["tcp"], "x"))
-            ch.recv()
-            ch.send(proto.Prefill("target", list(range(64)), {}, 4, 0))
+            ch, _ = handshake(sock, fp)
+            ch.send(proto.Prefill("target", list(range(64)), proto.FirstTokenSampling(), 4, 0))
             bad = {"nack unsent": frame(proto.Nack("target", 0, 4)),
                    "other request": frame(proto.Ack("not-mine", 1)),
                    "huge header": struct.pack("!4sHHIQ", proto.MAGIC, proto.VERSION, 0,
@@ -204,8 +230,106 @@ def test_hostile_decode_cannot_hurt_the_server(attack):
                 pass
             assert server.jobs() == ["target"]   # the job survives for a legit resume
         # The server still serves honest peers.
-        ok_backend_request = PrefillRequest("honest", list(range(16)), {}, 1)
+        ok_backend_request = PrefillRequest("honest", list(range(16)), proto.FirstTokenSampling(), 1)
         backend.stall_at_block = None
         r = fetch_kv(server.address, ok_backend_request, [7], dkv, cfg, fp)
         assert r.ok, r.reason
         assert mismatched_blocks(dkv, "honest", [7], 1) == []
+
+
+def _prefill_frame(**fields):
+    """A PREFILL header built by hand: any value, typed or not, as a stranger would send it."""
+    body = {"t": "prefill", "request_id": "evil", "token_ids": list(range(16)),
+            "sampling": {}, "num_blocks": 1, "resume_from_block": 0, **fields}
+    return frame_raw(body)
+
+
+def frame_raw(body: dict) -> bytes:
+    head = msgspec.msgpack.encode(body)
+    return proto.PREFIX.pack(proto.MAGIC, proto.VERSION, 0, len(head), 0) + head
+
+
+HOSTILE_PREFILLS = {
+    "stop_token_ids of lists": _prefill_frame(sampling={"stop_token_ids": [[1]]}),
+    "NaN temperature": _prefill_frame(sampling={"temperature": float("nan")}),
+    "infinite top_p": _prefill_frame(sampling={"top_p": float("inf")}),
+    "seed 2**64": _prefill_frame(sampling={"seed": 2 ** 64 - 1}),
+    "unknown sampling field": _prefill_frame(sampling={"logits_processor": "os.system"}),
+    "token id 2**40": _prefill_frame(token_ids=[2 ** 40] * 16),
+    "negative token id": _prefill_frame(token_ids=[-1] * 16),
+    "request id with a newline": _prefill_frame(request_id="a\nWARNING forged"),
+    "huge request id": _prefill_frame(request_id="x" * 10_000),
+    "negative block count": _prefill_frame(num_blocks=-1),
+    "string tokens": _prefill_frame(token_ids="0123456789abcdef"),
+}
+
+
+@pytest.mark.parametrize("attack", list(HOSTILE_PREFILLS))
+def test_hostile_prefill_frames_are_refused_and_the_server_lives(attack):
+    pkv, dkv = make_kv(16), make_kv(16)
+    fp = kv_fingerprint(pkv)
+    cfg = TransferConfig(transport="tcp", **FAST)
+    backend = SyntheticBackend(pkv)
+    with KVTransferServer(pkv, fp, cfg, backend) as server:
+        with socket.create_connection(server.address) as sock:
+            ch, ok = handshake(sock, fp)
+            assert isinstance(ok, proto.HelloOk)
+            sock.sendall(HOSTILE_PREFILLS[attack])
+            sock.settimeout(5)
+            while sock.recv(1 << 16):        # P closes the session; a timeout fails
+                pass
+        assert backend.started == [] and server.jobs() == []
+        r = fetch_kv(server.address, request("honest", 2), [3, 4], dkv, cfg, fp)
+        assert r.ok, r.reason
+        assert mismatched_blocks(dkv, "honest", [3, 4], 2) == []
+
+
+def test_header_claims_cost_nothing_before_authentication():
+    # Before the peer proved anything, a frame may announce at most a few KiB: a 16 MiB
+    # claim is refused at once, before any allocation, on every connection.
+    pkv = make_kv(8)
+    fp = kv_fingerprint(pkv)
+    with KVTransferServer(pkv, fp, TransferConfig(**FAST), SyntheticBackend(pkv)) as server:
+        socks = [socket.create_connection(server.address) for _ in range(40)]
+        try:
+            for s in socks:
+                s.sendall(proto.PREFIX.pack(proto.MAGIC, proto.VERSION, 0, 16 << 20, 0))
+            for s in socks:
+                s.settimeout(5)
+                assert s.recv(1) == b""          # closed by P, not held open
+        finally:
+            for s in socks:
+                s.close()
+        assert server.jobs() == []
+
+
+def test_silent_connections_cannot_exhaust_the_kv_port():
+    # Connections that never finish the handshake are bounded in number and in time; an
+    # honest decode worker still gets through once they are gone.
+    pkv, dkv = make_kv(8), make_kv(8)
+    fp = kv_fingerprint(pkv)
+    cfg = TransferConfig(transport="tcp", max_pending_handshakes=4, handshake_timeout=4.0,
+                         **FAST)
+    with KVTransferServer(pkv, fp, cfg, SyntheticBackend(pkv)) as server:
+        idle = [socket.create_connection(server.address) for _ in range(4)]
+        try:
+            deadline = time.monotonic() + 10
+            while server.handshakes_in_progress() < 4:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            extra = socket.create_connection(server.address)
+            extra.settimeout(2.0)                # well before the handshake timeout
+            assert extra.recv(1) == b""          # over the bound: closed unread
+            extra.close()
+            for s in idle:
+                s.settimeout(15)
+                assert s.recv(1) == b""          # dropped after the handshake timeout
+        finally:
+            for s in idle:
+                s.close()
+        while server.handshakes_in_progress():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        r = fetch_kv(server.address, request("honest", 1), [2], dkv,
+                     TransferConfig(transport="tcp", **FAST), fp)
+        assert r.ok, r.reason

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Union
+from typing import Iterator, Union
+
+from splitserve.transfer.protocol import FirstTokenSampling
 
 
 @dataclass(frozen=True)
 class PrefillRequest:
     request_id: str
     token_ids: list[int]
-    sampling: dict[str, Any] = field(default_factory=dict)   # for the first token
+    sampling: FirstTokenSampling = field(default_factory=FirstTokenSampling)  # first token
     num_blocks: int = 0      # blocks D reserved: ceil(len(token_ids) / block_size)
 
 

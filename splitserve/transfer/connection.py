@@ -1,8 +1,11 @@
 """P side: one accepted connection serving one Job to D after the handshake.
 
 Two threads: the caller's runs `send_loop` (blocks, progress, done; resends first) and a
-reader thread handles D's ACK / NACK / HEARTBEAT / RELEASE. Either side ending calls
-`abort`, which shuts the socket down so the other wakes up; the Job itself lives on.
+reader thread handles D's ACK / NACK / HEARTBEAT / RELEASE / CANCEL. Either side ending
+calls `abort`, which shuts the socket down so the other wakes up; the Job itself lives on.
+NOTE: the sender never stays silent longer than `heartbeat_interval`: while the request
+waits in the queue or a long chunk computes, a PROGRESS with its queue place goes out,
+so D can tell a busy prefill worker from a dead one.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections import deque
 
 from splitserve.transfer import protocol as proto
@@ -21,7 +25,7 @@ log = logging.getLogger(__name__)
 
 class Connection:
     def __init__(self, ch: proto.Channel, transport: BlockSender, job: Job,
-                 blocks_per_frame: int, resume_from: int, server):
+                 blocks_per_frame: int, resume_from: int, server, heartbeat_interval: float):
         self.ch = ch
         self.transport = transport
         self.job = job
@@ -32,6 +36,7 @@ class Connection:
         self.done_sent = False
         self.closed = False
         self.server = server
+        self.heartbeat_interval = heartbeat_interval
 
     def abort(self) -> None:
         """Any thread: end this connection (idempotent)."""
@@ -89,7 +94,11 @@ class Connection:
         while True:
             with job.cond:
                 while (action := self._next_action()) is None:
-                    job.cond.wait()
+                    quiet_for = time.monotonic() - self.ch.last_tx
+                    if quiet_for >= self.heartbeat_interval:
+                        action = ("progress", job.tokens_done, job.tokens_total)
+                        break
+                    job.cond.wait(self.heartbeat_interval - quiet_for)
             kind = action[0]
             if kind == "stop":
                 return
@@ -100,7 +109,8 @@ class Connection:
                     job.bytes_sent += nbytes
                 self.server.stats.add("bytes_sent", nbytes)
             elif kind == "progress":
-                self.ch.send(proto.Progress(job.rid, action[1], action[2]))
+                position, tokens_ahead = self.server.queue_status(job)
+                self.ch.send(proto.Progress(job.rid, action[1], action[2], position, tokens_ahead))
             elif kind == "done":
                 self.ch.send(proto.Done(job.rid, action[1], job.request.num_blocks))
             elif kind == "error":
@@ -131,6 +141,9 @@ class Connection:
                     job.renew()
                     self.server.release(job, "decode confirmed it has every block",
                                         expired=False)
+                    return
+                elif isinstance(msg, proto.Cancel):
+                    self.server.release(job, msg.reason, expired=False, cancelled=True)
                     return
                 elif isinstance(msg, proto.Error):
                     log.warning("request %s: decode ended the session: %s", job.rid, msg.reason)

@@ -12,15 +12,24 @@ reservation it was given (a BLOCKS payload is received straight into KV memory, 
 a buffer sized by the peer). The version is checked on every frame, so the very first
 frame from a peer speaking another version is refused with a message naming both.
 
-Handshake (D connects, D speaks first):
-  D -> HELLO{version, fingerprint, nonce_d, transports, host_id}
-  P -> HELLO_OK{fingerprint, nonce_p, proof_p, transport, shm...} | REFUSE{code, reason}
-  D -> PREFILL{..., auth=HMAC(secret, "D"|nonce_p|nonce_d)}
-Every BLOCKS frame is answered, in order, by a NACK or by being counted in an ACK; D
-batches ACKs (`ack_every`) because on loopback each tiny reply costs a cross-process
-wake-up that measured as much as copying a 5 MiB block.
-The proof D sends must cover a nonce P chose, so it rides on PREFILL (the first frame after
-P's nonce is known) rather than on HELLO; a recorded HELLO/PREFILL cannot be replayed.
+Handshake (D connects, D speaks first), v2:
+  D -> HELLO{version, nonce_d}
+  P -> CHALLENGE{nonce_p, proof_p=HMAC(secret, "P"|nonce_d|nonce_p), auth_required}
+  D -> SESSION{fingerprint, transports, host_id, proof_d=HMAC(secret, "D"|nonce_p|nonce_d)}
+  P -> HELLO_OK{fingerprint, transport, ack_every, shm...} | REFUSE{code, reason}
+  D -> PREFILL{request_id, token ids, typed first-token sampling, blocks, resume point}
+  P -> PROGRESS{queue position, tokens ahead, tokens done} at once, then BLOCKS/PROGRESS/DONE
+Authentication comes before anything that reveals or costs something: until D's proof
+checked out, P reads only frames of at most `HANDSHAKE_MAX_HEADER` bytes and a refusal
+names no fingerprint. Every BLOCKS frame is answered, in order, by a NACK or by being
+counted in an ACK; D batches ACKs (`ack_every`) because on loopback each tiny reply costs
+a cross-process wake-up that measured as much as copying a 5 MiB block.
+
+Liveness runs both ways: D heartbeats P (renewing P's lease on the request), P sends a
+PROGRESS at least every heartbeat interval even while the request waits in its queue, so
+D's stall timer measures P's *silence*, never how busy P is. A D that gives up on a
+request says CANCEL, and P drops it: never computed if still queued, stopped at the next
+chunk if running.
 """
 
 from __future__ import annotations
@@ -28,14 +37,25 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from typing import Any, Callable, Union
+from typing import Annotated, Callable, Union
 
 import msgspec
 
-VERSION = 1
+VERSION = 2
 MAGIC = b"SSKV"
 PREFIX = struct.Struct("!4sHHIQ")
 DEFAULT_MAX_HEADER = 16 << 20  # token ids of a multi-million-token prompt fit
+HANDSHAKE_MAX_HEADER = 16 << 10  # HELLO/SESSION: a fingerprint, nonces, a proof
+_HEADER_STEP = 64 << 10        # a header buffer grows as bytes arrive, never by a peer's claim
+MAX_TOKEN_ID = (1 << 31) - 1
+MAX_STOP_TOKEN_IDS = 1024
+
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")]
+Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
+Fingerprint = Annotated[dict[Annotated[str, msgspec.Meta(max_length=64)],
+                             Annotated[str, msgspec.Meta(max_length=512)]],
+                        msgspec.Meta(max_length=64)]
 
 
 class ProtocolError(Exception):
@@ -55,17 +75,26 @@ class PeerClosed(ConnectionError):
 
 class Hello(msgspec.Struct, tag="hello"):
     version: int
-    fingerprint: dict[str, str]
+    nonce: Annotated[bytes, msgspec.Meta(max_length=64)]
+
+
+class Challenge(msgspec.Struct, tag="challenge"):
     nonce: bytes
-    transports: list[str]
-    host_id: str
+    proof: bytes                 # HMAC(secret, "P"|nonce_d|nonce_p), empty without a secret
+    auth_required: bool          # P has a secret: D's SESSION must prove it knows it
+
+
+class Session(msgspec.Struct, tag="session"):
+    fingerprint: Fingerprint
+    transports: Annotated[list[Annotated[str, msgspec.Meta(max_length=16)]],
+                          msgspec.Meta(max_length=8)]
+    host_id: Annotated[str, msgspec.Meta(max_length=512)]
+    proof: Annotated[bytes, msgspec.Meta(max_length=64)] = b""
 
 
 class HelloOk(msgspec.Struct, tag="hello_ok"):
     version: int
     fingerprint: dict[str, str]
-    nonce: bytes
-    proof: bytes                 # HMAC(secret, "P"|nonce_d|nonce_p), empty without a secret
     transport: str
     ack_every: int                # D answers BLOCKS frames in batches of this many
     shm_path: str = ""
@@ -73,17 +102,29 @@ class HelloOk(msgspec.Struct, tag="hello_ok"):
 
 
 class Refuse(msgspec.Struct, tag="refuse"):
-    code: str                    # version | fingerprint | auth | transport | unknown_request | bad_request
+    code: str                    # version | fingerprint | auth | transport | unknown_request | bad_request | busy
     reason: str
 
 
+class FirstTokenSampling(msgspec.Struct, forbid_unknown_fields=True):
+    """The sampling controls P needs for the first token (P samples it). Typed and
+    bounded like the HTTP front's parameters: a frame can carry no value the engine
+    would choke on (NaN fails the bounds too)."""
+
+    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 1.0
+    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=MAX_TOKEN_ID)] = 0
+    seed: Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)] | None = None
+    stop_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)] = []
+    ignore_eos: bool = False
+
+
 class Prefill(msgspec.Struct, tag="prefill"):
-    request_id: str
-    token_ids: list[int]
-    sampling: dict[str, Any]
-    num_blocks: int
-    resume_from_block: int
-    auth: bytes = b""
+    request_id: RequestId
+    token_ids: list[TokenId]
+    sampling: FirstTokenSampling
+    num_blocks: Count
+    resume_from_block: Count
 
 
 class Blocks(msgspec.Struct, tag="blocks"):
@@ -96,9 +137,15 @@ class Blocks(msgspec.Struct, tag="blocks"):
 
 
 class Progress(msgspec.Struct, tag="progress"):
+    """P's word that it is alive and where the request stands: queued behind
+    `queue_position` others with `tokens_ahead` prompt tokens still to compute before it
+    (0 and 0 once it runs), `tokens_done` of `tokens_total` computed."""
+
     request_id: str
     tokens_done: int
     tokens_total: int
+    queue_position: int = 0
+    tokens_ahead: int = 0
 
 
 class Done(msgspec.Struct, tag="done"):
@@ -127,12 +174,19 @@ class Release(msgspec.Struct, tag="release"):
     request_id: str
 
 
+class Cancel(msgspec.Struct, tag="cancel"):
+    """D gave up on the request (timeout, client gone): P must not compute it any more."""
+
+    request_id: str
+    reason: Annotated[str, msgspec.Meta(max_length=1024)]
+
+
 class Error(msgspec.Struct, tag="error"):
     reason: str
 
 
-Msg = Union[Hello, HelloOk, Refuse, Prefill, Blocks, Progress, Done, Ack, Nack, Heartbeat,
-            Release, Error]
+Msg = Union[Hello, Challenge, Session, HelloOk, Refuse, Prefill, Blocks, Progress, Done, Ack,
+            Nack, Heartbeat, Release, Cancel, Error]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Msg)
@@ -195,8 +249,13 @@ class Channel:
             raise VersionMismatch(version)
         if head_len == 0 or head_len > self.max_header:
             raise ProtocolError(f"frame header length {head_len} outside 1..{self.max_header}")
-        head = bytearray(head_len)
-        self.recv_into(memoryview(head))
+        head = bytearray()
+        while len(head) < head_len:
+            # Grown by what arrived, not allocated by what the peer claims: a header
+            # announced as megabytes costs only the bytes actually sent.
+            piece = bytearray(min(_HEADER_STEP, head_len - len(head)))
+            self.recv_into(memoryview(piece))
+            head += piece
         try:
             msg = _decoder.decode(head)
         except msgspec.DecodeError as e:

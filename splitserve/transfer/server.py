@@ -60,6 +60,7 @@ class KVTransferServer:
         self._lsock = socket.create_server((host, port), backlog=128)
         self.address: tuple[str, int] = self._lsock.getsockname()[:2]
         self._threads: list[threading.Thread] = []
+        self._handshaking = 0           # connections not yet past the handshake; under _lock
         self._shared_kv = shared_kv_file(kv)    # D can copy straight out of our KV
         self._rings = RingPool(self.blocks_per_frame * self.blocks.block_nbytes,
                                config.shm_ring_bytes)
@@ -99,23 +100,53 @@ class KVTransferServer:
         with self._lock:
             return list(self._jobs)
 
+    def handshakes_in_progress(self) -> int:
+        with self._lock:
+            return self._handshaking
+
+    def _end_handshake(self) -> None:
+        with self._lock:
+            self._handshaking -= 1
+
+    def queue_status(self, job: Job) -> tuple[int, int]:
+        """(requests, prompt tokens) this worker computes before `job` starts, in arrival
+        order; (0, 0) once it has started. Reads other jobs' counters without their locks:
+        each is one int, and a stale value only makes one PROGRESS frame slightly old."""
+        if job.progress_seq > 0:
+            return 0, 0
+        with self._lock:
+            jobs = list(self._jobs.values())
+        if job not in jobs:
+            return 0, 0
+        ahead = [j for j in jobs[:jobs.index(job)] if j.first_token is None and j.error is None]
+        return len(ahead), sum(max(0, j.tokens_total - j.tokens_done) for j in ahead)
+
     # -- lifecycle of a request ------------------------------------------------------
 
-    def release(self, job: Job, why: str, expired: bool) -> None:
-        """Unpin a request exactly once; the only path to backend.release."""
+    def release(self, job: Job, why: str, expired: bool, cancelled: bool = False) -> None:
+        """Unpin a request exactly once; the only path to backend.release (which also
+        stops its prefill if it is still queued or computing)."""
         with job.cond:
             if job.released:
                 return
             job.released = True
             conn, job.conn = job.conn, None
             pinned, sent, acked = len(job.ids), job.bytes_sent, job.verified_upto
+            done, total, computed = job.tokens_done, job.tokens_total, job.first_token is not None
             idle = time.monotonic() - (job.deadline - job.lease)
             job.cond.notify_all()
         with self._lock:
             self._jobs.pop(job.rid, None)
         self.backend.release(job.rid)
         self.stats.add("blocks_pinned", -pinned)
-        if expired:
+        if cancelled:
+            self.stats.add("prefills_cancelled")
+            state = ("computed already" if computed else
+                     "never computed: it was still queued" if job.progress_seq == 0 else
+                     f"stopped after {done}/{total} tokens")
+            log.warning("request %s: decode gave up (%s); prefill dropped, %s; %d bytes "
+                        "sent", job.rid, why, state, sent)
+        elif expired:
             self.stats.add("lease_expired")
             log.warning("request %s: releasing %d pinned KV blocks: lease expired (%s, no "
                         "ACK/HEARTBEAT for %.1fs, lease %.1fs); %d bytes sent, decode "
@@ -153,18 +184,32 @@ class KVTransferServer:
 
     def _serve(self, sock: socket.socket, peer) -> None:
         transport = None
+        with self._lock:
+            admitted = self._handshaking < self.config.max_pending_handshakes
+            self._handshaking += admitted
+        if not admitted:
+            # Unauthenticated peers cannot pile up threads and buffers: past the bound a
+            # new connection is closed before a byte of it is read.
+            log.warning("refusing KV connection from %s:%d: %d handshakes already in "
+                        "progress", *peer[:2], self.config.max_pending_handshakes)
+            sock.close()
+            return
+        in_handshake = True
         try:
             tune_socket(sock, self.config)
-            sock.settimeout(self.config.stall_timeout)   # a silent connector is dropped
-            ch = proto.Channel(sock, self.config.max_header_bytes)
+            sock.settimeout(self.config.handshake_timeout)   # a silent connector is dropped
+            ch = proto.Channel(sock, proto.HANDSHAKE_MAX_HEADER)
             try:
                 transport, job, resume = self._handshake(ch)
             except _Refused as r:
                 log.warning("refusing KV session from %s:%d (%s): %s", *peer[:2], r.code, r.reason)
                 ch.send(proto.Refuse(r.code, r.reason))
                 return
+            self._end_handshake()
+            in_handshake = False
             sock.settimeout(None)   # from here liveness is the lease, not a socket timeout
-            conn = Connection(ch, transport, job, self.blocks_per_frame, resume, self)
+            conn = Connection(ch, transport, job, self.blocks_per_frame, resume, self,
+                              self.config.heartbeat_interval)
             with job.cond:
                 old, job.conn = job.conn, conn
                 if job.released:
@@ -182,51 +227,60 @@ class KVTransferServer:
         except (OSError, ConnectionError) as e:
             log.info("KV session from %s:%d ended: %s", *peer[:2], e)
         finally:
+            if in_handshake:
+                self._end_handshake()
             if transport is not None:
                 transport.close()
             sock.close()
 
     def _handshake(self, ch: proto.Channel):
+        """HELLO -> CHALLENGE -> SESSION (authenticated, then fingerprint) -> HELLO_OK ->
+        PREFILL. Until D's proof checked out every frame is small (HANDSHAKE_MAX_HEADER)
+        and a refusal says nothing about this worker."""
+        cfg = self.config
         try:
             hello, _ = ch.recv()
         except proto.VersionMismatch as e:
             raise _Refused("version", str(e)) from None
         if not isinstance(hello, proto.Hello):
             raise proto.ProtocolError(f"expected HELLO, got {type(hello).__name__}")
-        if hello.fingerprint != self.fingerprint:
-            raise _Refused("fingerprint", f"KV fingerprint mismatch: prefill has "
-                           f"{self.fingerprint}, decode has {hello.fingerprint} "
-                           f"({describe_mismatch(self.fingerprint, hello.fingerprint)})")
-        transport = self._choose_transport(hello)
         nonce = os.urandom(16)
-        ch.send(proto.HelloOk(proto.VERSION, self.fingerprint, nonce,
-                              proof(self.config.secret, b"P", hello.nonce, nonce),
-                              transport.name, self.ack_every, getattr(transport, "path", ""),
-                              getattr(transport, "size", 0)))
+        ch.send(proto.Challenge(nonce, proof(cfg.secret, b"P", hello.nonce, nonce),
+                                cfg.secret is not None))
+        session, _ = ch.recv()
+        if not isinstance(session, proto.Session):
+            raise proto.ProtocolError(f"expected SESSION, got {type(session).__name__}")
+        if cfg.secret is not None and not (
+                session.proof and proof_ok(cfg.secret, session.proof, b"D", nonce, hello.nonce)):
+            self.stats.add("auth_failures")
+            raise _Refused("auth", "authentication failed")
+        if session.fingerprint != self.fingerprint:
+            raise _Refused("fingerprint", f"KV fingerprint mismatch: prefill has "
+                           f"{self.fingerprint}, decode has {session.fingerprint} "
+                           f"({describe_mismatch(self.fingerprint, session.fingerprint)})")
+        transport = self._choose_transport(session)
         try:
+            ch.send(proto.HelloOk(proto.VERSION, self.fingerprint, transport.name,
+                                  self.ack_every, getattr(transport, "path", ""),
+                                  getattr(transport, "size", 0)))
+            ch.max_header = cfg.max_header_bytes   # authenticated: token ids may follow
             msg, _ = ch.recv()
             if not isinstance(msg, proto.Prefill):
                 raise proto.ProtocolError(f"expected PREFILL, got {type(msg).__name__}")
-            if not msg.auth and self.config.secret is not None:
-                raise _Refused("auth", "authentication required: this prefill worker has a KV "
-                                       "secret and decode sent no proof")
-            if not proof_ok(self.config.secret, msg.auth, b"D", nonce, hello.nonce):
-                raise _Refused("auth", "authentication failed: decode's proof does not match "
-                                       "this worker's KV secret")
             job = self._attach(msg)
         except BaseException:
             transport.close()
             raise
         return transport, job, msg.resume_from_block
 
-    def _choose_transport(self, hello: proto.Hello):
+    def _choose_transport(self, session: proto.Session):
         cfg = self.config
-        same_host = hello.host_id == self._host_id
-        if "shm" in hello.transports and same_host and cfg.transport in ("auto", "shm"):
+        same_host = session.host_id == self._host_id
+        if "shm" in session.transports and same_host and cfg.transport in ("auto", "shm"):
             return ShmSender(self.blocks, cfg.chunk_bytes, self._shared_kv, self._rings)
-        if "tcp" in hello.transports and cfg.transport in ("auto", "tcp"):
+        if "tcp" in session.transports and cfg.transport in ("auto", "tcp"):
             return TcpTransport(self.blocks, cfg.chunk_bytes)
-        raise _Refused("transport", f"no common transport: decode offers {hello.transports} "
+        raise _Refused("transport", f"no common transport: decode offers {session.transports} "
                        f"(same host: {same_host}), prefill allows {cfg.transport}")
 
     def _attach(self, p: proto.Prefill) -> Job:

@@ -15,30 +15,33 @@ from collections.abc import Iterator
 
 from splitserve.engine.types import FinishReason, SamplingParams
 from splitserve.transfer.backend import BlocksReady, Done, Event, PrefillBackend, PrefillRequest, Progress
+from splitserve.transfer.protocol import FirstTokenSampling
 from splitserve.worker.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 
-# The first token is sampled on P, so P needs the sampling controls that shape it.
-_FIRST_TOKEN_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos")
 
 
 class PrefillAborted(RuntimeError):
     """The engine ended the prefill without a first token (aborted or failed)."""
 
 
-def first_token_params(sampling: dict) -> SamplingParams:
-    fields = {k: sampling[k] for k in _FIRST_TOKEN_FIELDS if k in sampling}
-    if "stop_token_ids" in fields:
-        fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
-    return SamplingParams(max_tokens=1, **fields)
+def first_token_params(sampling: FirstTokenSampling) -> SamplingParams:
+    """The first token is sampled on P, so P needs the controls that shape it. Raises
+    SamplingError for values the engine refuses (e.g. a stop token outside the
+    vocabulary), which fails this request only."""
+    return SamplingParams(max_tokens=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k, seed=sampling.seed,
+                          stop_token_ids=tuple(sampling.stop_token_ids),
+                          ignore_eos=sampling.ignore_eos)
 
 
-def sampling_for_prefill(params: SamplingParams) -> dict:
+def sampling_for_prefill(params: SamplingParams) -> FirstTokenSampling:
     """What a decode worker sends a prefill worker about sampling (PrefillRequest.sampling)."""
-    return {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-            "seed": params.seed, "stop_token_ids": list(params.stop_token_ids),
-            "ignore_eos": params.ignore_eos}
+    return FirstTokenSampling(temperature=params.temperature, top_p=params.top_p,
+                              top_k=params.top_k, seed=params.seed,
+                              stop_token_ids=list(params.stop_token_ids),
+                              ignore_eos=params.ignore_eos)
 
 
 class EnginePrefillBackend(PrefillBackend):
