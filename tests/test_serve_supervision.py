@@ -187,8 +187,10 @@ def test_sigkilled_workers_come_back_under_serve_and_serve_again(tiny_llama_dir,
         assert sent > 0   # the KV of those requests came from the restarted worker
         # Its predecessor's shared-memory KV did not outlive it.
         assert old_kv_files and not any(f.exists() for f in old_kv_files)
-        assert [w["restarts"] for w in sorted(srv.cluster()["workers"], key=lambda w: w["id"])] \
-            == [1, 0, 1]
+        workers = sorted(srv.cluster()["workers"], key=lambda w: w["id"])
+        assert [w["restarts"] for w in workers] == [1, 0, 1]
+        for w in workers:   # nothing left pinned or reserved anywhere
+            assert srv.wait_worker_metric("splitserve_kv_blocks_in_use", 0, url=w["api_url"]) == 0
     finally:
         assert srv.stop() == 0
 
