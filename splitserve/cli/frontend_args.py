@@ -23,17 +23,22 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--migration-limit", type=int, default=frontend.migration_limit,
                        metavar="N", help="times a request may move to another decode worker "
                                          "when its own dies mid-stream (default: %(default)s)")
+    parser.add_argument("--max-request-bytes", type=int, default=frontend.max_request_bytes,
+                        metavar="N", help="largest API request body accepted; a larger one is "
+                                          "answered 413 (default: %(default)s)")
 
 
 def frontend_config_from_args(parser: argparse.ArgumentParser,
                               args: argparse.Namespace) -> FrontendConfig:
     try:
         return FrontendConfig(router=RouterConfig(args.router, args.kv_overlap_weight),
-                              migration_limit=args.migration_limit)
+                              migration_limit=args.migration_limit,
+                              max_request_bytes=args.max_request_bytes)
     except ValueError as e:
         parser.error(str(e))
 
 
 def frontend_argv(args: argparse.Namespace) -> list[str]:
     return ["--router", args.router, "--kv-overlap-weight", repr(args.kv_overlap_weight),
-            "--migration-limit", str(args.migration_limit)]
+            "--migration-limit", str(args.migration_limit),
+            "--max-request-bytes", str(args.max_request_bytes)]

@@ -12,7 +12,6 @@ with the reason, and /health says why.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -20,7 +19,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from splitserve.discovery.base import Discovery
 from splitserve.frontend.config import FrontendConfig
@@ -29,6 +28,7 @@ from splitserve.frontend.generation import Generation
 from splitserve.frontend.kv_events import KVEventFeed
 from splitserve.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from splitserve.frontend.preprocess import Preprocessor
+from splitserve.frontend.request_body import parse_body, read_body
 from splitserve.frontend.request_ids import RequestIdMiddleware
 from splitserve.frontend.responses import CHAT, COMPLETION, Shape, full_response, stream_events
 from splitserve.frontend.routing import RoutePlanner, unavailable_reason
@@ -110,18 +110,9 @@ class Frontend:
 
 
 async def _parse(request: Request, model_cls: type[BaseModel]):
-    try:
-        data = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the request body is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise bad_request("the request body must be a JSON object")
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as e:
-        err = e.errors()[0]
-        param = ".".join(str(x) for x in err["loc"]) or None
-        raise bad_request(f"invalid value for '{param}': {err['msg']}", param) from e
+    """The validated body (request_body.py: size limit, 413, parsed off the loop if big)."""
+    data = await read_body(request, request.app.state.frontend.config.max_request_bytes)
+    return await parse_body(data, model_cls)
 
 
 def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> FastAPI:
@@ -195,7 +186,7 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> Fa
             raise bad_request("stream_options can only be given when stream is true", "stream_options")
         if body.n != 1:
             raise bad_request(f"n must be 1: one choice per request is supported (got n={body.n})", "n")
-        prompt = pre.chat_prompt(body) if shape.chat else pre.completion_prompt(body)
+        prompt = await pre.prompt(body, shape.chat)
         sampling = pre.sampling(body, len(prompt), shape.chat)
         request_id = request.state.request_id
         gen = Generation(fe.client, fe.planner, fe.tokenizer, fe.metrics,

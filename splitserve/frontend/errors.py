@@ -9,8 +9,8 @@ from __future__ import annotations
 import msgspec
 from fastapi.responses import Response
 
-_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
-          502: "BadGatewayError", 503: "ServiceUnavailableError"}
+_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError",
+          500: "InternalServerError", 502: "BadGatewayError", 503: "ServiceUnavailableError"}
 
 
 class OpenAIError(Exception):
@@ -31,6 +31,10 @@ class OpenAIError(Exception):
 
 def bad_request(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, param)
+
+
+def too_large(message: str) -> OpenAIError:
+    return OpenAIError(413, message)
 
 
 def unavailable(message: str) -> OpenAIError:

@@ -3,30 +3,88 @@
 Unknown fields are accepted and ignored (as OpenAI and vLLM do: SDKs send fields such as
 `user`), but fields that would change the answer and that we do not implement are refused
 by `unsupported()` with a 400 naming them, never silently ignored.
+
+Types are strict, as OpenAI's API is: a boolean is not a number, a string is neither a
+boolean nor a number (`"stream": "yes"` is a 400), and a number may be a float where a
+float is expected. NaN and infinities are refused. Values the engine would choke on
+(seeds outside torch's range, token ids beyond any vocabulary) are bounded here so they
+never travel further than the frontend.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+from splitserve.engine.types import MAX_TOKEN_ID, SEED_MAX, SEED_MIN
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+# OpenAI's chat roles without tools: 'tool' and 'function' messages answer tool calls,
+# which this server does not make (`tools` is refused).
+ROLES = ("system", "developer", "user", "assistant")
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    # extra="allow": unknown fields are ignored (see unsupported()), but validated as JSON.
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in value)
+
+
+def _check_prompt(value: Any) -> Any:
+    """A string, a list of strings, a list of token ids or a list of token-id lists."""
+    if isinstance(value, str) or _is_token_ids(value):
+        return value
+    if isinstance(value, list) and (all(isinstance(v, str) for v in value)
+                                    or all(_is_token_ids(v) for v in value)):
+        return value
+    raise PydanticCustomError(
+        "prompt_type", "must be a string, a list of strings, a list of token ids or a list of "
+        "token-id lists (token ids are integers in [0, {max}])", {"max": MAX_TOKEN_ID})
+
+
+def _check_stop(value: Any) -> Any:
+    if value is None or isinstance(value, str) or (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        return value
+    raise PydanticCustomError("stop_type", "must be a string or a list of strings")
+
+
+def _check_content(value: Any) -> Any:
+    """A string, null, or a list of text parts ({"type": "text", "text": "..."})."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for part in value:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise PydanticCustomError("content_part", "only text content parts are supported, "
+                                          "got {kind}", {"kind": repr(kind)})
+            if not isinstance(part.get("text"), str):
+                raise PydanticCustomError("content_part", "a text content part needs a string 'text'")
+        return value
+    raise PydanticCustomError("content_type", "must be a string, null or a list of text parts")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class _SamplingFields(_Strict):
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    # vLLM's bounds: what torch.Generator accepts.
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
+    stop: Annotated[Any, AfterValidator(_check_stop)] = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
     n: int = 1
     stream: bool = False
@@ -52,22 +110,20 @@ class _SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+class ChatMessage(_Strict):
+    role: Literal[ROLES]
+    content: Annotated[Any, AfterValidator(_check_content)] = None
 
     def text(self) -> str:
         """Content as one string; text parts are joined with newlines (as vLLM does)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        texts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"only text content parts are supported, got {part.get('type')!r}")
-            texts.append(part["text"])
-        return "\n".join(texts)
+        return "\n".join(part["text"] for part in self.content)
+
+    def num_chars(self) -> int:
+        if isinstance(self.content, list):
+            return sum(len(part["text"]) for part in self.content)
+        return len(self.content or "")
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -78,9 +134,18 @@ class ChatCompletionRequest(_SamplingFields):
         # max_completion_tokens is OpenAI's newer name; it wins when both are given.
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def prompt_size(self) -> int:
+        """Characters (or token ids) to turn into prompt tokens: how costly that will be."""
+        return sum(m.num_chars() for m in self.messages)
+
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Annotated[Any, AfterValidator(_check_prompt)]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
+
+    def prompt_size(self) -> int:
+        if isinstance(self.prompt, str):
+            return len(self.prompt)
+        return sum(len(p) if isinstance(p, (str, list)) else 1 for p in self.prompt)

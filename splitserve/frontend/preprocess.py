@@ -2,10 +2,14 @@
 template or raw prompt), the context-length check with vLLM's wording, sampling.
 
 Everything here fails with a 400 OpenAIError naming the offending parameter, before any
-work reaches a worker.
+work reaches a worker. A big prompt is templated and tokenized on a thread: tokenizing
+megabytes takes seconds, during which the event loop (every other request, /live) would
+otherwise stand still.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from splitserve.engine.types import SamplingError, SamplingParams
 from splitserve.frontend.errors import bad_request
@@ -14,12 +18,22 @@ from splitserve.worker import protocol as p
 
 # OpenAI's (and vLLM's) default for /v1/completions; chat defaults to the rest of the context.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# Prompts above this many characters (or token ids) are turned into tokens off the event
+# loop; below it the thread hop would cost more than the work (well under a millisecond).
+OFFLOAD_PROMPT_SIZE = 64 * 1024
 
 
 class Preprocessor:
     def __init__(self, tokenizer, max_model_len: int):
         self._tokenizer = tokenizer
         self.max_model_len = max_model_len
+
+    async def prompt(self, req: ChatCompletionRequest | CompletionRequest, chat: bool) -> list[int]:
+        """The request's prompt tokens (chat template or raw prompt)."""
+        build = self.chat_prompt if chat else self.completion_prompt
+        if req.prompt_size() > OFFLOAD_PROMPT_SIZE:
+            return await asyncio.to_thread(build, req)
+        return build(req)
 
     def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         try:

@@ -1,15 +1,18 @@
-"""Request ids: taken from the client's `x-request-id` or generated, returned in every
-response's `x-request-id` header, and used as the id of the request on the workers, so
-that one grep over the frontend's, the decode worker's and the prefill worker's logs
-follows a request end to end.
+"""Request ids: the client's `x-request-id` (or a generated one) is returned in every
+response's `x-request-id` header. Internally (logs, the workers' request ids) a request is
+`<client id>-<8 hex digits>`: unique even when clients reuse an id (two concurrent
+requests under one id must not collide on a worker), and still found, in the frontend's,
+the decode worker's and the prefill worker's logs alike, by a grep for the client's id.
+Without a client id the internal and returned ids are the same generated one.
 
 A pure ASGI middleware (not BaseHTTPMiddleware), so streamed responses pass through
-untouched. The id lands in `request.state.request_id`.
+untouched. The internal id lands in `request.state.request_id`.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import uuid
 
 from splitserve.frontend.errors import bad_request
@@ -32,13 +35,14 @@ class RequestIdMiddleware:
             error = bad_request(f"invalid {HEADER} header: expected 1 to 128 characters from "
                                 "letters, digits and ._:@/+=-", HEADER)
             return await error.response()(scope, receive, send)
-        request_id = given or uuid.uuid4().hex
+        returned = given or uuid.uuid4().hex
+        request_id = returned if given is None else f"{given}-{secrets.token_hex(4)}"
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []),
-                                      (HEADER.encode(), request_id.encode())]
+                                      (HEADER.encode(), returned.encode())]
             await send(message)
 
         await self.app(scope, receive, send_with_id)
