@@ -4,7 +4,9 @@ exception for its row) fails alone while the rest of its batch finishes unchange
 
 import asyncio
 import math
+import time
 
+import httpx
 import pytest
 
 from golden import random_prompt
@@ -176,3 +178,42 @@ def test_the_async_engine_raises_request_failed_and_keeps_serving(eng, monkeypat
 
     seen, tokens, state = asyncio.run(main())
     assert len(seen) == 2 and len(tokens) == GREEDY.max_tokens and state == "ready" and not fatal
+
+
+def test_over_http_the_failed_request_is_a_clear_error_and_the_worker_serves_on(eng, monkeypatch):
+    from test_worker_loading import ThreadServer
+
+    from splitserve.discovery import parse_discovery
+    from splitserve.frontend.app import create_app as create_frontend
+    from splitserve.worker.app import create_app as create_worker
+    from splitserve.worker.config import WorkerConfig
+
+    # The victim is whichever request asks for seed 4242 (the frontend builds its params).
+    sample = eng.runner.sampler.sample
+
+    def poisoned(logits, params, generators):
+        logits = logits.clone()
+        for i, p in enumerate(params):
+            if p.seed == 4242:
+                logits[i] = float("nan")
+        return sample(logits, params, generators)
+
+    monkeypatch.setattr(eng.runner.sampler, "sample", poisoned)
+    fatal: list[str] = []
+    worker = ThreadServer(create_worker(AsyncEngine(lambda: eng, fatal.append), WorkerConfig(), "both-0"))
+    frontend = ThreadServer(create_frontend(parse_discovery(f"static:{worker.url}")))
+    try:
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{frontend.url}/health").status_code != 200:
+            assert time.monotonic() < deadline, "the frontend never became ready"
+            time.sleep(0.05)
+        body = {"prompt": "Once upon a time", "max_tokens": 8, "ignore_eos": True}
+        bad = httpx.post(f"{frontend.url}/v1/completions", json={**body, "seed": 4242}, timeout=60)
+        assert bad.status_code == 503 and "non-finite logits" in bad.json()["error"]["message"]
+        good = httpx.post(f"{frontend.url}/v1/completions", json={**body, "temperature": 0}, timeout=60)
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 8
+        assert httpx.get(f"{worker.url}/health").json() == {"status": "ok"} and not fatal
+        assert httpx.get(f"{worker.url}/stats").json()["kv_blocks_in_use"] == 0
+    finally:
+        frontend.stop()
+        worker.stop()

@@ -89,7 +89,7 @@ class LLMEngine:
         if not prompt_token_ids:
             raise RequestError("the prompt is empty", "prompt")
         vocab = self.arch.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        bad = next((t for t in prompt_token_ids if type(t) is not int or not 0 <= t < vocab), None)
         if bad is not None:
             raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab})", "prompt")
         bad = next((t for t in params.stop_token_ids if t >= vocab), None)

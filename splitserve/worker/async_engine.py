@@ -107,7 +107,8 @@ class AsyncEngine:
 
     async def call(self, fn: Callable[[Any], Any]) -> Any:
         """Run fn(engine) on the engine thread; its result or exception comes back here.
-        Only ValueError/RuntimeError subclasses (the engine's named errors) are expected."""
+        ValueError/RuntimeError subclasses (the engine's named errors) are expected; any
+        other exception is logged but also only fails this call, never the engine."""
         if self.state is not EngineState.READY:
             raise EngineDeadError(f"engine is {self.state.value}")
         done = self._loop.create_future()
@@ -236,6 +237,9 @@ class AsyncEngine:
                     result, error = fn(engine), None
                 except (ValueError, RuntimeError) as e:  # the engine's named errors
                     result, error = None, e
+                except Exception as e:  # noqa: BLE001 - a bug for one request is that request's
+                    logger.exception("an engine call failed")
+                    result, error = None, e
                 self._loop.call_soon_threadsafe(self._settle, done, result, error)
             elif kind == "held":
                 _, request_id, prompt, params, sink = command
@@ -243,6 +247,9 @@ class AsyncEngine:
                     engine.add_request(request_id, prompt, params, hold=True)
                     self._sinks[request_id] = sink
                 except ValueError as e:
+                    sink.put(e)
+                except Exception as e:  # noqa: BLE001 - fails this prefill, not the engine
+                    logger.exception("request_id=%s could not be added", request_id)
                     sink.put(e)
             elif kind == "release":
                 self._sinks.pop(command[1], None)
