@@ -77,6 +77,7 @@ COMPLETION_BODY = '{"model": "tiny", "max_tokens": 4, "prompt": "hi"'
     ("chat", CHAT_BODY + ', "stop_token_ids": [2147483647]}', "stop_token_ids"),  # > vocab: the engine says so
     ("chat", CHAT_BODY + ', "temperature": NaN}', "temperature"),
     ("chat", CHAT_BODY + ', "temperature": 1e999}', "temperature"),
+    ("chat", CHAT_BODY + ', "temperature": 2e6}', "temperature"),     # beyond what P accepts
     ("chat", CHAT_BODY + ', "temperature": "0.5"}', "temperature"),
     ("chat", CHAT_BODY + ', "top_p": NaN}', "top_p"),
     ("chat", CHAT_BODY + ', "top_p": -Infinity}', "top_p"),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 
 # vLLM's _SAMPLING_EPS: a temperature below it is greedy. Dividing logits by a smaller one
 # overflows float32 (1e-40 turns every logit into +-inf and the probabilities into NaN).
 SAMPLING_EPS = 1e-5
+# Above this every token is equally likely anyway; the KV protocol's frames carry no more.
+MAX_TEMPERATURE = 1e6
 # Token ids are below 2**31 in every vocabulary (and fit the KV protocol's bound); the
 # engine checks the model's own vocabulary size on top of this.
 MAX_TOKEN_ID = 2**31 - 1
@@ -52,8 +53,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise SamplingError(f"max_tokens must be at least 1, got {self.max_tokens!r}", "max_tokens")
-        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise SamplingError(f"temperature must be a finite non-negative number, got "
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise SamplingError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got "
                                 f"{self.temperature!r}", "temperature")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
