@@ -27,6 +27,10 @@ ROUTER_DECISIONS_TOTAL = "splitserve_router_decisions_total"
 ROUTER_OVERLAP_BLOCKS = "splitserve_router_overlap_blocks"
 REQUESTS_MIGRATED_TOTAL = "splitserve_requests_migrated_total"
 WORKERS = "splitserve_workers"
+REQUESTS_QUEUED = "splitserve_requests_queued"
+REQUEST_QUEUE_WAIT_SECONDS = "splitserve_request_queue_wait_seconds"
+REQUESTS_REJECTED_TOTAL = "splitserve_requests_rejected_total"
+LOCAL_PREFILL_TOTAL = "splitserve_local_prefill_total"
 
 # --- worker (read from the engine's stats at scrape time) --------------------------------
 NUM_REQUESTS_RUNNING = "splitserve_num_requests_running"
@@ -87,6 +91,20 @@ class FrontendMetrics:
         self.requests_migrated = Counter(
             REQUESTS_MIGRATED_TOTAL, "Requests moved to another decode worker mid-stream "
             "because theirs was lost (one count per move)", registry=registry)
+        self.requests_queued = Gauge(
+            REQUESTS_QUEUED, "Requests waiting in the frontend's admission queue (no worker "
+            "could take them yet)", registry=registry)
+        self.request_queue_wait = Histogram(
+            REQUEST_QUEUE_WAIT_SECONDS, "Time requests spent in the admission queue, observed "
+            "when they leave it (admitted, timed out, or the client left)",
+            buckets=_LATENCY_BUCKETS, registry=registry)
+        self.requests_rejected = Counter(
+            REQUESTS_REJECTED_TOTAL, "Requests refused for lack of capacity, by reason "
+            "(queue_full: 429; queue_timeout, no_worker: 503)", ["reason"], registry=registry)
+        self.local_prefill = Counter(
+            LOCAL_PREFILL_TOTAL, "Requests whose prompt a decode worker computed itself by the "
+            "prefill overflow policy, by reason (no_prefill_worker, prefill_saturated)",
+            ["reason"], registry=registry)
         self._worker_labels: set[tuple[str, str]] = set()
         self.workers = Gauge(
             WORKERS, "Workers the frontend knows, by role and state (ready, loading, failed, "

@@ -17,6 +17,7 @@ from live_server import start_serve
 from splitserve.cli.http_server import HttpServer
 from splitserve.discovery import StaticDiscovery, StaticDiscoveryConfig
 from splitserve.frontend.app import create_app as create_frontend
+from splitserve.frontend.config import FrontendConfig
 from procs import metric_value
 from workers import start_worker
 
@@ -105,7 +106,8 @@ def test_frontend_health_is_503_naming_the_missing_decode_worker_when_it_dies(ti
     prefill = start_worker("prefill", tiny_llama_dir, tmp_path)
     decode = start_worker("decode", tiny_llama_dir, tmp_path)
     static = StaticDiscovery(StaticDiscoveryConfig((prefill.url, decode.url)))
-    server = HttpServer(create_frontend(static), "127.0.0.1", 0)
+    # A short queue wait: a request waits for a decode worker to come back, then gets 503.
+    server = HttpServer(create_frontend(static, FrontendConfig(queue_timeout_s=1.0)), "127.0.0.1", 0)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.port}"
@@ -117,8 +119,9 @@ def test_frontend_health_is_503_naming_the_missing_decode_worker_when_it_dies(ti
                                            f"{decode.url} (decode): unreachable: ")
         (entry,) = [w for w in httpx.get(f"{url}/cluster").json()["workers"] if w["role"] == "decode"]
         assert entry["state"] == "unreachable" and entry["last_healthy"] is not None
-        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
         assert r.status_code == 503 and "no ready decode worker" in r.json()["error"]["message"]
+        assert "within 1s (the queue's wait limit)" in r.json()["error"]["message"]
     finally:
         server.request_exit()
         thread.join(15)

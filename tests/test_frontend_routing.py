@@ -44,7 +44,7 @@ def _request() -> p.GenerateRequest:
 
 
 def _route(planner, workers):
-    return planner.route(_request(), workers)
+    return planner.route(_request(), workers).attempts
 
 
 def _planner() -> RoutePlanner:
@@ -85,14 +85,20 @@ def test_without_a_usable_pair_requests_go_to_both_workers():
     assert _route(planner, [_worker("prefill", "p0"), _worker("both", "b0", WorkerState.LOADING)]) == []
 
 
-def test_health_needs_a_ready_pair_or_a_ready_both_worker():
+def test_health_needs_a_ready_pair_or_a_ready_both_worker_or_with_local_prefill_a_decode_worker():
     assert unavailable_reason([_worker("prefill", "p0"), _worker("decode", "d0")]) is None
     assert unavailable_reason([_worker("both", "b0"), _worker("decode", "d0", WorkerState.FAILED)]) is None
+    # Policy local (the default): a decode worker alone serves, computing prompts itself.
+    assert unavailable_reason([_worker("decode", "d0")]) is None
+    assert unavailable_reason([_worker("prefill", "p0", WorkerState.LOADING), _worker("decode", "d0")]) is None
+    assert unavailable_reason([_worker("decode", "d0")], local_prefill=False) == (
+        "no ready prefill worker, and no ready both worker")
 
     reason = unavailable_reason([_worker("prefill", "p0"), _worker("decode", "d0", WorkerState.UNREACHABLE)])
     assert reason == ("no ready decode worker, and no ready both worker "
                       "(worker http://d0 (decode): unreachable: unreachable for the test)")
-    reason = unavailable_reason([_worker("prefill", "p0", kv=False), _worker("decode", "d0")])
+    reason = unavailable_reason([_worker("prefill", "p0", kv=False), _worker("decode", "d0")],
+                                local_prefill=False)
     assert reason.startswith("no ready prefill worker with a KV address (http://p0 advertise none)")
     reason = unavailable_reason([_worker("prefill", "p0", WorkerState.LOADING), WorkerStatus("http://x")])
     assert reason == ("no worker is ready (worker http://p0 (prefill): loading: loading for the test; "
@@ -113,14 +119,14 @@ def test_cluster_entry_names_role_addresses_state_and_last_healthy():
     p0.record = WorkerRecord(worker_id="p0", role="prefill", api_url="http://p0",
                              metrics_url="http://p0:9/metrics", model_name="tiny", state="failed",
                              num_requests_running=2, num_requests_waiting=1,
-                             num_pending_prefill_tokens=300, kv_blocks_in_use=25,
+                             num_pending_prefill_tokens=300, prefill_tokens_per_s=150.0, kv_blocks_in_use=25,
                              kv_blocks_total=100, last_heartbeat=1234.5, restarts=2)
     entry = p0.to_json()
     assert {k: entry[k] for k in ("metrics_url", "state", "reason", "load", "kv_usage",
                                   "last_heartbeat", "restarts")} == {
         "metrics_url": "http://p0:9/metrics", "state": "failed",
         "reason": "its discovery record says failed",
-        "load": {"running": 2, "waiting": 1, "pending_prefill_tokens": 300},
+        "load": {"running": 2, "waiting": 1, "pending_prefill_tokens": 300, "prefill_tokens_per_s": 150.0},
         "kv_usage": {"blocks_in_use": 25, "blocks_total": 100, "fraction": 0.25},
         "last_heartbeat": 1234.5, "restarts": 2}
     assert not p0.ready and p0.load().num_requests == 3

@@ -2,6 +2,7 @@
 random behave; decode picks by capacity and load; the in-flight tracker raises stale
 loads. The prefix test mirrors issue 4's measurement on a simulated cluster."""
 
+import math
 import random
 
 import pytest
@@ -10,6 +11,7 @@ from splitserve.router import (
     BlockStored, InflightTracker, KVEventBatch, KVIndex, KvPolicy, RouteRequest,
     RouterConfig, WorkerLoad, make_policy)
 from splitserve.router.simple import RandomPolicy, RoundRobinPolicy
+from splitserve.worker.prefill_rate import PrefillRateMeter
 
 BS = 16
 
@@ -194,3 +196,26 @@ def test_inflight_tracker_raises_stale_loads_to_what_was_routed():
     tracker.prefill_finished("r1")
     tracker.decode_finished("r1")
     assert tracker.apply(reported)[0] == reported[0]
+
+
+def test_expected_prefill_wait_is_pending_tokens_over_the_measured_rate():
+    assert WorkerLoad(worker_id="p", num_pending_prefill_tokens=5000,
+                      prefill_tokens_per_s=1000.0).expected_prefill_wait_s == 5.0
+    # An unmeasured worker is not judged at all (rather than infinitely slow).
+    assert WorkerLoad(worker_id="p", num_pending_prefill_tokens=5000).expected_prefill_wait_s is None
+
+
+def test_prefill_rate_measures_capacity_over_busy_time_not_demand():
+    meter = PrefillRateMeter(tau_s=10.0)
+    assert meter.observe(0.0, 0, 0) == 0.0                  # nothing measured yet: unknown
+    assert meter.observe(1.0, 0, 0) == 0.0                  # idle is not slow
+    assert meter.observe(2.0, 500, 4000) == 0.0             # work arrived and ran while not sampled busy
+    assert meter.observe(3.0, 1500, 3000) == pytest.approx(1000.0)   # busy: 1000 tokens in 1 s
+    # Idle time in between does not dilute it; an engine step straddling samples averages out.
+    assert meter.observe(60.0, 4000, 0) == pytest.approx((1000 * math.exp(-5.7) + 2500) / (math.exp(-5.7) + 57))
+    meter = PrefillRateMeter()
+    for t, done in [(0.0, 0), (0.2, 0), (0.4, 800), (0.6, 800), (0.8, 1600)]:
+        rate = meter.observe(t, done, 1000)
+    assert rate == pytest.approx(2000.0, rel=0.05)          # 1600 tokens over 0.8 busy seconds
+    # A restarted engine (counter went back) starts over.
+    assert meter.observe(1.0, 10, 1000) == 0.0

@@ -1,12 +1,12 @@
 """Frontend flags shared by `serve` and `frontend` (router policy, overlap weight,
-migration limit), with defaults read from RouterConfig / FrontendConfig, and the reverse,
+migration limit, admission queue, prefill overflow), with defaults read from RouterConfig / FrontendConfig, and the reverse,
 args -> flags, for serve's frontend child."""
 
 from __future__ import annotations
 
 import argparse
 
-from splitserve.frontend.config import FrontendConfig
+from splitserve.frontend.config import PREFILL_OVERFLOW, FrontendConfig
 from splitserve.router import POLICIES, RouterConfig
 
 
@@ -26,6 +26,23 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-request-bytes", type=int, default=frontend.max_request_bytes,
                         metavar="N", help="largest API request body accepted; a larger one is "
                                           "answered 413 (default: %(default)s)")
+    queue = parser.add_argument_group("backpressure")
+    queue.add_argument("--max-queued-requests", type=int, default=frontend.max_queued_requests,
+                       metavar="N", help="requests that may wait, in arrival order, for a worker "
+                                         "to take them; one more is answered 429 "
+                                         "(default: %(default)s)")
+    queue.add_argument("--queue-timeout", type=float, default=frontend.queue_timeout_s,
+                       metavar="SECONDS", help="how long a request may wait in that queue before "
+                                               "it is answered 503 (default: %(default)s)")
+    queue.add_argument("--prefill-overflow", choices=PREFILL_OVERFLOW,
+                       default=frontend.prefill_overflow,
+                       help="when no prefill worker is ready, or all expect a wait above "
+                            "--max-prefill-wait: local (a decode worker computes the prompt "
+                            "itself) or queue (wait for a prefill worker) (default: %(default)s)")
+    queue.add_argument("--max-prefill-wait", type=float, default=frontend.max_prefill_wait_s,
+                       metavar="SECONDS", help="a prefill worker whose queued prompt tokens / "
+                                               "measured rate exceed this is saturated "
+                                               "(default: %(default)s)")
 
 
 def frontend_config_from_args(parser: argparse.ArgumentParser,
@@ -33,7 +50,11 @@ def frontend_config_from_args(parser: argparse.ArgumentParser,
     try:
         return FrontendConfig(router=RouterConfig(args.router, args.kv_overlap_weight),
                               migration_limit=args.migration_limit,
-                              max_request_bytes=args.max_request_bytes)
+                              max_request_bytes=args.max_request_bytes,
+                              max_queued_requests=args.max_queued_requests,
+                              queue_timeout_s=args.queue_timeout,
+                              prefill_overflow=args.prefill_overflow,
+                              max_prefill_wait_s=args.max_prefill_wait)
     except ValueError as e:
         parser.error(str(e))
 
@@ -41,4 +62,7 @@ def frontend_config_from_args(parser: argparse.ArgumentParser,
 def frontend_argv(args: argparse.Namespace) -> list[str]:
     return ["--router", args.router, "--kv-overlap-weight", repr(args.kv_overlap_weight),
             "--migration-limit", str(args.migration_limit),
-            "--max-request-bytes", str(args.max_request_bytes)]
+            "--max-request-bytes", str(args.max_request_bytes),
+            "--max-queued-requests", str(args.max_queued_requests),
+            "--queue-timeout", repr(args.queue_timeout), "--prefill-overflow", args.prefill_overflow,
+            "--max-prefill-wait", repr(args.max_prefill_wait)]

@@ -7,6 +7,7 @@ record feeds routing (role, addresses, load) and the frontend's /cluster view.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import msgspec
@@ -40,6 +41,9 @@ class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # Prompt tokens admitted but not yet computed: the prefill work queued ahead of a new
     # request, which the kv router weighs against the blocks that request must compute.
     num_pending_prefill_tokens: int = 0
+    # Prompt tokens per second it computed while it had prefill work (0: not measured
+    # yet): pending tokens / this rate is the wait a new prompt can expect there.
+    prefill_tokens_per_s: float = 0.0
     kv_blocks_in_use: int = 0
     kv_blocks_total: int = 0
     last_heartbeat: float = 0.0
@@ -59,6 +63,8 @@ class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if min(self.num_requests_running, self.num_requests_waiting,
                self.num_pending_prefill_tokens, self.kv_blocks_in_use, self.kv_blocks_total) < 0:
             raise ValueError("load counters must be non-negative")
+        if not math.isfinite(self.prefill_tokens_per_s) or self.prefill_tokens_per_s < 0:
+            raise ValueError(f"prefill_tokens_per_s must be finite and >= 0, got {self.prefill_tokens_per_s}")
         if self.restarts < 0:
             raise ValueError(f"restarts must be non-negative, got {self.restarts}")
 

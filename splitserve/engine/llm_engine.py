@@ -62,6 +62,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}   # live: reserved, waiting, running or held
         self._pending: list[RequestOutput] = []   # produced outside step(), returned by the next one
         self._arrivals = 0
+        self._num_computed_prompt_tokens = 0
         logger.info("engine ready in %.1fs: model=%s dtype=%s max_model_len=%d kv_blocks=%d x %d tokens (%.1f MiB)",
                     time.monotonic() - t0, self.model_dir, dtype, self.max_model_len, num_blocks,
                     config.block_size, num_blocks * self.layout.block_nbytes / 2**20)
@@ -200,6 +201,9 @@ class LLMEngine:
                 self._fail(req, str(token))
                 outputs.append(self._output(req, [], error=str(token)))
                 continue
+            self._num_computed_prompt_tokens += max(
+                min(req.num_computed_tokens + s.num_new_tokens, req.num_prompt_tokens)
+                - req.num_computed_tokens, 0)
             req.num_computed_tokens += s.num_new_tokens
             self.kv_manager.cache_computed_blocks(req)
             if token is None:
@@ -277,6 +281,7 @@ class LLMEngine:
                 max(r.num_prompt_tokens - r.num_computed_tokens, 0)
                 for r in (*self.scheduler.waiting, *self.scheduler.running)),
             num_preemptions=self.scheduler.num_preemptions,
+            num_computed_prompt_tokens=self._num_computed_prompt_tokens,
             num_reserved_requests=sum(r.status is RequestStatus.RESERVED for r in self._requests.values()),
             num_held_requests=sum(r.hold and r.status is RequestStatus.FINISHED for r in self._requests.values()))
 

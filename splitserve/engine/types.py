@@ -123,3 +123,6 @@ class EngineStats:
     num_preemptions: int = 0
     num_reserved_requests: int = 0
     num_held_requests: int = 0
+    # Prompt tokens this engine computed (cumulative; not cached, not transferred): a
+    # prefill worker's throughput, from which routers estimate its queue's wait.
+    num_computed_prompt_tokens: int = 0

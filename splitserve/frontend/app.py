@@ -4,9 +4,12 @@
 Its workers come from discovery (a static list for `--worker-url`). It serves whatever
 model they serve: the model name, max_model_len, block size and the tokenizer's
 directory come from the first ready worker's /info; the router (policy, KV index fed by
-the workers' KV events) is built then. Until a request can be served (a ready
-prefill+decode pair or a ready `both` worker, see routing.py) every API call answers 503
-with the reason, and /health says why.
+the workers' KV events) is built then; until then every API call answers 503 with the
+reason. /health says whether a request can be served now (a ready prefill+decode pair, a
+ready `both` worker, or with `--prefill-overflow local` a ready decode worker alone, see
+routing.py). A request no worker can take yet waits in the admission queue
+(admission.py: FIFO, bounded, 429 when full, 503 past its wait limit); a client that
+disconnects meanwhile leaves it.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ from pydantic import BaseModel
 
 from splitserve.discovery.base import Discovery
 from splitserve.frontend.config import FrontendConfig
+from splitserve.frontend.admission import AdmissionQueue
 from splitserve.frontend.errors import OpenAIError, bad_request, unavailable
-from splitserve.frontend.generation import Generation
+from splitserve.frontend.generation import CLIENT_GONE, Generation
 from splitserve.frontend.kv_events import KVEventFeed
 from splitserve.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from splitserve.frontend.preprocess import Preprocessor
 from splitserve.frontend.request_body import parse_body, read_body
 from splitserve.frontend.request_ids import RequestIdMiddleware
 from splitserve.frontend.responses import CHAT, COMPLETION, Shape, full_response, stream_events
-from splitserve.frontend.routing import RoutePlanner, unavailable_reason
+from splitserve.frontend.routing import LOCAL_PREFILL_REASONS, RoutePlanner, unavailable_reason
 from splitserve.frontend.worker_client import WorkerClient
 from splitserve.frontend.workers import WorkerStatus
 from splitserve.metrics import FrontendMetrics
@@ -50,6 +54,8 @@ class Frontend:
         self.client = WorkerClient(discovery, config.poll_interval_s, on_change=self._workers_changed)
         self.registry = CollectorRegistry()
         self.metrics = FrontendMetrics(self.registry)
+        self.admission = AdmissionQueue(config.max_queued_requests, config.queue_timeout_s,
+                                        self.metrics)
         self.planner: RoutePlanner | None = None
         self.kv_feed: KVEventFeed | None = None
         self.tokenizer = None
@@ -58,6 +64,7 @@ class Frontend:
         self.tokenizer_error: str | None = None
 
     def _workers_changed(self, workers: list[WorkerStatus]) -> None:
+        self.admission.notify()     # a worker's state or load changed: queued requests retry
         if self.kv_feed is not None:
             self.kv_feed.sync(workers)
 
@@ -67,7 +74,9 @@ class Frontend:
         # KV events and the index name blocks by the engine's chained hashes over blocks
         # of the workers' block size, which only a worker can say.
         index = KVIndex(info.block_size)
-        self.planner = RoutePlanner(make_policy(self.config.router, index), index, self.metrics)
+        self.planner = RoutePlanner(make_policy(self.config.router, index), index, self.metrics,
+                                    self.config.prefill_overflow, self.config.max_prefill_wait_s,
+                                    on_settle=self.admission.notify)
         self.kv_feed = KVEventFeed(self.client.http, index)
         self.kv_feed.sync(self.client.workers())
         try:
@@ -97,22 +106,55 @@ class Frontend:
     def unavailable_reason(self) -> str | None:
         if self.tokenizer_error:
             return self.tokenizer_error
-        reason = unavailable_reason(self.client.workers())
+        reason = unavailable_reason(self.client.workers(), self.config.prefill_overflow == "local")
         if reason is None and self.preprocessor is None:
             return "loading the tokenizer"
         return reason
 
-    def require_ready(self) -> tuple[Preprocessor, p.WorkerInfo]:
-        reason = self.unavailable_reason()
-        if reason is not None:
-            raise unavailable(f"the server is not ready: {reason}")
+    def require_model(self) -> tuple[Preprocessor, p.WorkerInfo]:
+        """The model once it is known (a worker was ready once and the tokenizer loaded);
+        later requests wait in the admission queue while no worker can take them."""
+        if self.preprocessor is None:
+            raise unavailable(f"the server is not ready: {self.unavailable_reason()}")
         return self.preprocessor, self.info
+
+    def overflow_json(self) -> dict:
+        """The prefill overflow policy and its local-prefill decisions, for GET /cluster."""
+        counts = self.planner.local_prefills if self.planner is not None else \
+            dict.fromkeys(LOCAL_PREFILL_REASONS, 0)
+        return {"policy": self.config.prefill_overflow,
+                "max_prefill_wait_s": self.config.max_prefill_wait_s, "local_prefills": dict(counts)}
 
 
 async def _parse(request: Request, model_cls: type[BaseModel]):
     """The validated body (request_body.py: size limit, 413, parsed off the loop if big)."""
     data = await read_body(request, request.app.state.frontend.config.max_request_bytes)
     return await parse_body(data, model_cls)
+
+
+async def _start_unless_gone(request: Request, gen: Generation) -> bool:
+    """gen.start(), unless the client disconnects first (False): a request waiting in the
+    admission queue (or for its decode worker's answer) leaves at once."""
+    start = asyncio.ensure_future(gen.start())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((start, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not start.done():
+            start.cancel()
+        await asyncio.gather(start, gone, return_exceptions=True)
+    if start.cancelled():
+        return False
+    start.result()      # raises the start's OpenAIError
+    return True
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects. NOTE: only once the body was read: after it,
+    the server's receive() yields nothing but the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> FastAPI:
@@ -151,7 +193,8 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> Fa
         # For operators and tools: every discovered worker, ready or not, and why not.
         reason = fe.unavailable_reason()
         return JSONResponse({"status": "ok" if reason is None else "unavailable", "reason": reason,
-                             "router": fe.config.router.policy,
+                             "router": fe.config.router.policy, "queue": fe.admission.snapshot(),
+                             "prefill_overflow": fe.overflow_json(),
                              "workers": [w.to_json() for w in fe.client.workers()]})
 
     @app.get("/metrics")
@@ -161,7 +204,7 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> Fa
 
     @app.get("/v1/models")
     async def models() -> Response:
-        _, info = fe.require_ready()
+        _, info = fe.require_model()
         return JSONResponse({"object": "list", "data": [{
             "id": info.model_name, "object": "model", "created": 0, "owned_by": "splitserve",
             "root": info.model_dir, "max_model_len": info.max_model_len}]})
@@ -177,7 +220,7 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> Fa
     async def _complete(request: Request, model_cls: type[BaseModel], shape: Shape) -> Response:
         arrival = time.monotonic()
         body = await _parse(request, model_cls)
-        pre, info = fe.require_ready()
+        pre, info = fe.require_model()
         if body.model is not None and body.model != info.model_name:
             raise OpenAIError(404, f"The model `{body.model}` does not exist.", "model")
         if (name := body.unsupported()) is not None:
@@ -191,8 +234,11 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> Fa
         request_id = request.state.request_id
         gen = Generation(fe.client, fe.planner, fe.tokenizer, fe.metrics,
                          p.GenerateRequest(request_id, prompt, sampling), body.stop_list(), arrival,
-                         fe.config.migration_limit)
-        await gen.start()
+                         fe.config.migration_limit, admission=fe.admission)
+        if not await _start_unless_gone(request, gen):
+            fe.metrics.requests.labels(status=CLIENT_GONE).inc()
+            logger.info("request_id=%s client disconnected before a worker took it", request_id)
+            return Response(status_code=int(CLIENT_GONE))
         if body.stream:
             return StreamingResponse(stream_events(shape, gen, info.model_name, body.include_usage),
                                      media_type="text/event-stream")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from splitserve.router import RouterConfig
+
+PREFILL_OVERFLOW = ("local", "queue")
 
 
 @dataclass(frozen=True)
@@ -13,12 +16,27 @@ class FrontendConfig:
     its own was lost mid-stream (0: never; the client then gets the error).
     poll_interval_s: how often every known worker's /health is checked.
     max_request_bytes: the largest request body accepted (413 above it). 16 MiB holds a
-    prompt of a few million characters, far beyond any context we serve."""
+    prompt of a few million characters, far beyond any context we serve.
+
+    Backpressure (admission.py): a request no worker can take yet waits in a FIFO queue of
+    at most max_queued_requests (one more: 429) for at most queue_timeout_s (then 503).
+    Like vLLM's waiting queue, but bounded: 600 s is the OpenAI client's own default
+    timeout, past which nobody is waiting for the answer any more.
+
+    prefill_overflow: what happens to a request when no prefill worker is ready, or every
+    ready one's expected wait (pending prompt tokens / measured rate) exceeds
+    max_prefill_wait_s: 'local' sends it to a decode worker without a prefill worker (it
+    computes the prompt itself), 'queue' keeps it in the admission queue until a prefill
+    worker is usable."""
 
     router: RouterConfig = field(default_factory=RouterConfig)
     migration_limit: int = 3
     poll_interval_s: float = 0.5
     max_request_bytes: int = 16 * 2**20
+    max_queued_requests: int = 1024
+    queue_timeout_s: float = 600.0
+    prefill_overflow: str = "local"
+    max_prefill_wait_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.migration_limit < 0:
@@ -27,3 +45,13 @@ class FrontendConfig:
             raise ValueError(f"poll_interval_s must be positive, got {self.poll_interval_s}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes}")
+        if self.max_queued_requests < 0:
+            raise ValueError(f"max_queued_requests must be >= 0, got {self.max_queued_requests}")
+        if not 0 < self.queue_timeout_s < math.inf:
+            raise ValueError(f"queue_timeout_s must be positive and finite, got {self.queue_timeout_s}")
+        if self.prefill_overflow not in PREFILL_OVERFLOW:
+            raise ValueError(f"prefill_overflow must be one of {PREFILL_OVERFLOW}, got "
+                             f"{self.prefill_overflow!r}")
+        if not 0 < self.max_prefill_wait_s < math.inf:
+            raise ValueError(f"max_prefill_wait_s must be positive and finite, got "
+                             f"{self.max_prefill_wait_s}")

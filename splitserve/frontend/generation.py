@@ -5,7 +5,10 @@ detokenization, stop strings and request metrics.
 A worker that cannot take the request (full, unreachable, not ready) is skipped for the
 next one the planner named. That is safe only before the worker produced anything: a
 decode worker answers its HTTP status once the prompt's KV is in place, so every
-transfer-time failure is still a status, and nothing reached the client yet.
+transfer-time failure is still a status, and nothing reached the client yet. When none
+can take it now, the request waits its turn in the admission queue (admission.py) and
+is routed afresh each time it tries again; only a cluster with no worker registered at
+all answers 503 at once.
 
 A worker lost after tokens flowed (its stream broke, or ended without a finish reason)
 is replaced by *migration*: the request is re-sent, routed afresh, as prompt + every
@@ -29,9 +32,10 @@ from dataclasses import dataclass
 
 import msgspec
 
+from splitserve.frontend.admission import AdmissionQueue
 from splitserve.frontend.detokenizer import IncrementalDetokenizer
 from splitserve.frontend.errors import OpenAIError, bad_gateway, bad_request, unavailable
-from splitserve.frontend.routing import Attempt, RoutePlanner, unavailable_reason
+from splitserve.frontend.routing import Attempt, RoutePlanner
 from splitserve.frontend.stop_strings import StopStringMatcher
 from splitserve.frontend.worker_client import (KVTransferFailed, WorkerClient, WorkerLost,
                                                WorkerRejected, WorkerUnavailable)
@@ -52,7 +56,10 @@ class Delta:
 class Generation:
     def __init__(self, client: WorkerClient, planner: RoutePlanner, tokenizer,
                  metrics: FrontendMetrics, request: p.GenerateRequest, stop: list[str],
-                 arrival: float, migration_limit: int = 3):
+                 arrival: float, migration_limit: int = 3, *,
+                 admission: AdmissionQueue | None = None):
+        """admission: the frontend's queue; None: a request no worker takes at once is
+        answered 503 with every worker's refusal."""
         self.request_id = request.request_id
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_generated_tokens = 0
@@ -64,6 +71,7 @@ class Generation:
         self._attempt: Attempt | None = None
         self._request = request
         self._migration_limit = migration_limit
+        self._admission = admission
         self._metrics = metrics
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stop = StopStringMatcher(stop)
@@ -73,42 +81,70 @@ class Generation:
         self._chunks: AsyncIterator[p.GenerateChunk] | None = None
 
     async def start(self) -> None:
-        """Hand the request to the first worker that takes it; raises OpenAIError (400
-        invalid, 502 the KV transfer failed, 503 no worker could take it)."""
+        """Hand the request to the first worker that takes it, waiting in the admission
+        queue while none can; raises OpenAIError (400 invalid, 429 the queue is full, 502
+        the KV transfer failed, 503 no worker took it within the queue's wait limit)."""
         await self._send(self._request)
         self._metrics.prompt_tokens.inc(self.num_prompt_tokens)
 
     async def _send(self, request: p.GenerateRequest) -> None:
+        if self._admission is None:
+            if (refusal := await self._try(request)) is not None:
+                raise unavailable(f"no worker could take the request: {refusal}")
+            return
+        await self._admission.admit(
+            self.request_id, lambda: self._try(request),
+            lambda: self._planner.fits(request, self._client.workers()))
+
+    async def _try(self, request: p.GenerateRequest) -> str | None:
+        """One round of attempts, routed afresh: None when a worker took the request,
+        else why none could now. Raises OpenAIError when waiting cannot help (no worker
+        registered, the prompt can never fit, the request is invalid, the KV transfer
+        failed)."""
         workers = self._client.workers()
-        attempts = self._planner.route(request, workers)
-        if not attempts:
-            reason = unavailable_reason(workers) or "the route planner named no worker"
-            logger.warning("request_id=%s: no worker can serve it: %s", self.request_id, reason)
-            raise unavailable(f"no worker can serve the request: {reason}")
+        if not workers:
+            self._metrics.requests_rejected.labels(reason="no_worker").inc()
+            logger.warning("request_id=%s: no worker is registered in discovery", self.request_id)
+            raise unavailable("no worker can serve the request: no worker is registered in discovery")
+        route = self._planner.route(request, workers)
+        if not route.attempts:
+            return route.reason
+        if (too_big := self._planner.oversized(request, route, workers)) is not None:
+            raise bad_request(f"the request can never be served by this deployment: {too_big}")
         failures: list[str] = []
-        for attempt in attempts:
+        for attempt in route.attempts:
             sent = msgspec.structs.replace(request, prefill=attempt.prefill)
+            self._planner.trying(self.request_id, attempt, len(request.prompt_token_ids))
             try:
                 self._chunks = await self._resources.enter_async_context(
                     self._client.stream(attempt.url, sent))
-            except WorkerUnavailable as e:
+            except BaseException as e:
+                self._planner.refused(self.request_id)
+                if not isinstance(e, WorkerUnavailable):
+                    self._raise_refusal(attempt, e)
                 logger.warning("request_id=%s not taken: %s", self.request_id, e)
                 failures.append(str(e))
                 continue
-            except WorkerRejected as e:
-                raise bad_request(str(e), e.param) from e
-            except KVTransferFailed as e:
-                logger.warning("request_id=%s KV transfer failed at %s: %s", self.request_id,
-                               attempt.url, e)
-                raise bad_gateway(f"the prompt's KV cache could not be transferred: {e}") from e
             self._attempt = attempt
-            self._planner.sent(self.request_id, attempt, len(request.prompt_token_ids))
+            self._planner.sent(self.request_id, attempt)
             via = "" if attempt.prefill is None else f" (KV from prefill worker {attempt.prefill.worker_id})"
+            if attempt.local_prefill is not None:
+                via = f" (prompt computed there: local prefill, {attempt.local_prefill})"
             logger.info("request_id=%s sent to %s%s: %d prompt tokens, max_tokens=%d",
                         self.request_id, attempt.url, via, len(request.prompt_token_ids),
                         request.sampling.max_tokens)
-            return
-        raise unavailable(f"no worker could take the request: {'; '.join(failures)}")
+            return None
+        return "; ".join(failures)
+
+    def _raise_refusal(self, attempt: Attempt, e: BaseException) -> None:
+        """Re-raise what a worker's refusal means for the client (waiting cannot help)."""
+        if isinstance(e, WorkerRejected):
+            raise bad_request(str(e), e.param) from e
+        if isinstance(e, KVTransferFailed):
+            logger.warning("request_id=%s KV transfer failed at %s: %s", self.request_id,
+                           attempt.url, e)
+            raise bad_gateway(f"the prompt's KV cache could not be transferred: {e}") from e
+        raise e
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text deltas; the last one carries the finish reason. Call start() first."""
@@ -215,6 +251,8 @@ class Generation:
             # or the decode worker recomputed the prompt.
             kv = "" if self._attempt.prefill is None else \
                 f", KV of {self._num_transferred_tokens}/{self.num_prompt_tokens} prompt tokens transferred"
+            if self._attempt.local_prefill is not None:
+                kv = f", prompt computed on the decode worker ({self._attempt.local_prefill})"
             moved = f", migrated {self.num_migrations} time(s)" if self.num_migrations else ""
             logger.info("request_id=%s done: %d tokens in %.3fs%s%s", self.request_id,
                         self.num_generated_tokens, elapsed, kv, moved)

@@ -116,7 +116,8 @@ class WorkerStatus:
                 "last_healthy": self.last_healthy,
                 "load": None if rec is None else {
                     "running": rec.num_requests_running, "waiting": rec.num_requests_waiting,
-                    "pending_prefill_tokens": rec.num_pending_prefill_tokens},
+                    "pending_prefill_tokens": rec.num_pending_prefill_tokens,
+                    "prefill_tokens_per_s": rec.prefill_tokens_per_s},
                 "kv_usage": None if rec is None else {
                     "blocks_in_use": rec.kv_blocks_in_use, "blocks_total": rec.kv_blocks_total,
                     "fraction": round(rec.kv_usage, 4)},

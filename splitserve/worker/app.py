@@ -12,6 +12,7 @@ worker keeps its record in discovery while it runs (registration.py).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -30,6 +31,7 @@ from splitserve.worker.async_engine import AsyncEngine, EngineDeadError, EngineS
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.kv_events import KVEventPublisher
 from splitserve.worker.kv_port import KVPort
+from splitserve.worker.prefill_rate import PrefillRateMeter
 from splitserve.worker.registration import WorkerRegistration
 from splitserve.worker.remote_prefill import RemotePrefill, TransferFailed
 
@@ -94,8 +96,11 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
         if registration is not None:
             await registration.stop()
 
+    prefill_rate = PrefillRateMeter()
+
     def describe(base: WorkerRecord) -> WorkerRecord:
-        """This worker's discovery record now: state as /health sees it, and load."""
+        """This worker's discovery record now: state as /health sees it, and load. Called
+        every few hundred ms (registration.py), which also samples the prefill rate."""
         if engine.state is EngineState.FAILED:
             state = "failed"
         else:
@@ -108,6 +113,8 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
             kv_host=kv_host, kv_port=kv_port_number,
             num_requests_running=s.num_requests_running, num_requests_waiting=s.num_requests_waiting,
             num_pending_prefill_tokens=s.num_pending_prefill_tokens,
+            prefill_tokens_per_s=round(prefill_rate.observe(
+                time.monotonic(), s.num_computed_prompt_tokens, s.num_pending_prefill_tokens), 3),
             kv_blocks_in_use=s.kv_blocks_in_use, kv_blocks_total=s.kv_blocks_total)
 
     app = FastAPI(title="splitserve worker", lifespan=lifespan, docs_url=None, redoc_url=None)
