@@ -50,6 +50,9 @@ KV_TRANSFER_CHECKSUM_FAILURES_TOTAL = "splitserve_kv_transfer_checksum_failures_
 KV_TRANSFER_FALLBACKS_TOTAL = "splitserve_kv_transfer_fallbacks_total"
 KV_LEASE_EXPIRED_TOTAL = "splitserve_kv_lease_expired_total"
 KV_BLOCKS_PINNED = "splitserve_kv_blocks_pinned"
+KV_PREFILLS_CANCELLED_TOTAL = "splitserve_kv_prefills_cancelled_total"
+KV_AUTH_FAILURES_TOTAL = "splitserve_kv_auth_failures_total"
+WORKER_API_UNAUTHORIZED_TOTAL = "splitserve_worker_api_unauthorized_total"
 
 # Prompt blocks already cached on the chosen prefill worker: 0 (a miss) up to a 131k-token
 # prompt's 8192 blocks of 16 tokens.
@@ -191,6 +194,12 @@ class TransferStatsCollector(Collector):
                                   value=s["lease_expired"])
         yield GaugeMetricFamily(KV_BLOCKS_PINNED, "KV blocks pinned for decode workers (prefill side)",
                                 value=s["blocks_pinned"])
+        yield CounterMetricFamily(KV_PREFILLS_CANCELLED_TOTAL,
+                                  "Prefills a decode worker gave up on, dropped here (prefill side)",
+                                  value=s["prefills_cancelled"])
+        yield CounterMetricFamily(KV_AUTH_FAILURES_TOTAL,
+                                  "KV sessions refused for a missing or wrong secret (prefill side)",
+                                  value=s["auth_failures"])
 
 
 class WorkerMetrics:
@@ -205,3 +214,7 @@ class WorkerMetrics:
         self.kv_transfer_seconds = Histogram(
             KV_TRANSFER_SECONDS, "Duration of KV fetches, any outcome (decode side)",
             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.api_unauthorized = Counter(
+            WORKER_API_UNAUTHORIZED_TOTAL.removesuffix("_total"),
+            "Worker API requests refused for lacking the deployment's secret",
+            registry=self.registry)

@@ -159,8 +159,10 @@ def test_prefill_stalled_past_the_stall_timeout_falls_back(tiny_llama_dir, tmp_p
         assert status == 200 and tokens == hf_greedy(tiny_llama_dir, prompt, NEW)
         assert 0 < chunks[-1].num_transferred_tokens < len(prompt)
         assert decode.metric("splitserve_kv_transfer_fallbacks_total", reason="stalled") == 1
-        # P wakes up to a decode worker that left: its lease runs out and it lets go.
-        _wait_for(lambda: prefill.metric("splitserve_kv_lease_expired_total") == 1, timeout=30)
+        # P wakes up to a decode worker that left: it reads D's CANCEL or its lease has run
+        # out (whichever its threads see first after SIGCONT) and lets go, exactly once.
+        _wait_for(lambda: prefill.metric("splitserve_kv_lease_expired_total")
+                  + prefill.metric("splitserve_kv_prefills_cancelled_total") == 1, timeout=30)
         no_leaks(prefill, decode)
     finally:
         prefill.process.send_signal(signal.SIGCONT)

@@ -239,7 +239,7 @@ def test_hostile_decode_cannot_hurt_the_server(attack):
 
 def _prefill_frame(**fields):
     """A PREFILL header built by hand: any value, typed or not, as a stranger would send it."""
-    body = {"t": "prefill", "request_id": "evil", "token_ids": list(range(16)),
+    body = {"type": "prefill", "request_id": "evil", "token_ids": list(range(16)),
             "sampling": {}, "num_blocks": 1, "resume_from_block": 0, **fields}
     return frame_raw(body)
 
@@ -262,6 +262,21 @@ HOSTILE_PREFILLS = {
     "negative block count": _prefill_frame(num_blocks=-1),
     "string tokens": _prefill_frame(token_ids="0123456789abcdef"),
 }
+
+
+def test_a_hand_built_prefill_frame_is_accepted_when_valid():
+    # The control for the attacks below: the same frame, unmodified, starts a prefill.
+    pkv = make_kv(16)
+    fp = kv_fingerprint(pkv)
+    backend = SyntheticBackend(pkv)
+    with KVTransferServer(pkv, fp, TransferConfig(transport="tcp", **FAST), backend) as server:
+        with socket.create_connection(server.address) as sock:
+            ch, ok = handshake(sock, fp)
+            assert isinstance(ok, proto.HelloOk)
+            sock.sendall(_prefill_frame())
+            msg, _ = ch.recv()
+            assert isinstance(msg, (proto.Progress, proto.Blocks)) and msg.request_id == "evil"
+        assert backend.started == ["evil"]
 
 
 @pytest.mark.parametrize("attack", list(HOSTILE_PREFILLS))

@@ -3,6 +3,7 @@ of the disaggregated path below the frontend."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -14,6 +15,8 @@ import msgspec
 
 from procs import metric_value, spawn
 from splitserve.worker import protocol as p
+from splitserve.worker.auth import bearer
+from splitserve.worker.config import SECRET_ENV
 
 
 @dataclass
@@ -23,6 +26,11 @@ class WorkerProc:
     url: str
     info: p.WorkerInfo
     log_path: Path
+    secret: str | None = None     # the deployment secret it was started with, if any
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return bearer(self.secret)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -53,7 +61,12 @@ class WorkerProc:
 
 def start_worker(role: str, model_dir: Path, workdir: Path, *extra: str, name: str | None = None,
                  timeout: float = 120.0) -> WorkerProc:
+    """A decode worker without --discovery may fetch from any prefill KV port on
+    loopback (--kv-peers 127.0.0.1) unless the test says otherwise."""
     name = name or role
+    if role == "decode" and "--discovery" not in extra and "--kv-peers" not in extra:
+        extra = (*extra, "--kv-peers", "127.0.0.1")
+    secret = os.environ.get(SECRET_ENV) or None
     proc, port, log_path = spawn(["worker", "--role", role, "--model", str(model_dir), *extra],
                                  workdir, name, timeout)
     url = f"http://127.0.0.1:{port}"
@@ -65,8 +78,9 @@ def start_worker(role: str, model_dir: Path, workdir: Path, *extra: str, name: s
                                f"{log_path.read_text()[-4000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                info = msgspec.json.decode(httpx.get(f"{url}/info", timeout=2).content, type=p.WorkerInfo)
-                return WorkerProc(role, proc, url, info, log_path)
+                info = msgspec.json.decode(httpx.get(f"{url}/info", timeout=2, headers=bearer(secret)).content,
+                                           type=p.WorkerInfo)
+                return WorkerProc(role, proc, url, info, log_path, secret)
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
@@ -78,7 +92,7 @@ def generate(d: WorkerProc, request_id: str, prompt: list[int], max_tokens: int,
     req = p.GenerateRequest(request_id, prompt, p.Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
                             prefill.target() if prefill else None)
     with httpx.stream("POST", f"{d.url}/generate", content=p.encode(req), timeout=timeout,
-                      headers={"content-type": "application/json"}) as resp:
+                      headers={"content-type": "application/json", **d.auth}) as resp:
         if resp.status_code != 200:
             return resp.status_code, [], resp.read().decode()
         chunks = [p.decode(line, p.GenerateChunk) for line in resp.iter_lines() if line]

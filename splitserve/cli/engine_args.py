@@ -82,8 +82,12 @@ def add_transfer_args(parser: argparse.ArgumentParser) -> None:
                    help="auto: shared memory when prefill and decode share a host, else tcp "
                         "(default: %(default)s)")
     g.add_argument("--kv-stall-timeout", type=float, default=_TRANSFER_DEFAULTS.stall_timeout,
-                   help="seconds without KV bytes or PROGRESS before a prefill worker is "
-                        "declared dead (default: %(default)s)")
+                   help="seconds a prefill worker may stay silent (no KV bytes, no PROGRESS "
+                        "heartbeat) before it is declared dead (default: %(default)s)")
+    g.add_argument("--kv-busy-timeout", type=float, default=_TRANSFER_DEFAULTS.busy_timeout,
+                   help="seconds a decode worker waits for a live but busy prefill worker to "
+                        "advance a request (queued or computing) before it gives up on it "
+                        "and applies --kv-fallback (default: %(default)s)")
     g.add_argument("--kv-lease", type=float, default=_TRANSFER_DEFAULTS.lease,
                    help="seconds a prefill worker keeps a request's KV pinned without an ack "
                         "or heartbeat from the decode worker (default: %(default)s)")
@@ -94,25 +98,41 @@ def add_transfer_args(parser: argparse.ArgumentParser) -> None:
                    help=f"shared secret authenticating KV sessions (default: ${SECRET_ENV})")
     g.add_argument("--advertise-host", default=None,
                    help="address peers use to reach this worker (default: --host)")
+    g.add_argument("--kv-fetch-threads", type=int, default=_WORKER_DEFAULTS.kv_fetch_threads,
+                   help="decode: KV fetches running at once; more wait their turn in order "
+                        "(default: %(default)s)")
+    g.add_argument("--kv-peers", default=None,
+                   help="decode: comma-separated HOST or HOST:PORT of prefill KV ports this "
+                        "worker may fetch from, for setups without --discovery (with "
+                        "discovery it fetches only from prefill workers registered there)")
 
 
 def transfer_argv(args: argparse.Namespace) -> list[str]:
     """Flags that reproduce the transfer options in `args` for a child worker. The
     secret travels in the child's environment, never on its command line."""
     argv = ["--kv-transport", args.kv_transport, "--kv-stall-timeout", str(args.kv_stall_timeout),
-            "--kv-lease", str(args.kv_lease), "--kv-fallback", args.kv_fallback]
+            "--kv-busy-timeout", str(args.kv_busy_timeout), "--kv-lease", str(args.kv_lease),
+            "--kv-fallback", args.kv_fallback, "--kv-fetch-threads", str(args.kv_fetch_threads)]
     if args.advertise_host:
         argv += ["--advertise-host", args.advertise_host]
     return argv
 
 
+def parse_kv_peers(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip()) if value else ()
+
+
 def worker_config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> WorkerConfig:
     try:
         transfer = TransferConfig(
-            stall_timeout=args.kv_stall_timeout, lease=args.kv_lease,
-            heartbeat_interval=min(_TRANSFER_DEFAULTS.heartbeat_interval, args.kv_lease / 3),
+            stall_timeout=args.kv_stall_timeout, busy_timeout=args.kv_busy_timeout,
+            lease=args.kv_lease,
+            heartbeat_interval=min(_TRANSFER_DEFAULTS.heartbeat_interval, args.kv_lease / 3,
+                                   args.kv_stall_timeout / 3),
             transport=args.kv_transport, secret=secret_from_env(args.kv_secret))
         return WorkerConfig(role=args.role, host=args.host, advertise_host=args.advertise_host,
-                            kv_port=args.kv_port, kv_fallback=args.kv_fallback, transfer=transfer)
+                            kv_port=args.kv_port, kv_fallback=args.kv_fallback, transfer=transfer,
+                            kv_fetch_threads=args.kv_fetch_threads,
+                            kv_peers=parse_kv_peers(getattr(args, "kv_peers", None)))
     except ConfigError as e:
         parser.error(str(e))

@@ -15,7 +15,11 @@ logger = logging.getLogger(__name__)
 
 
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    config = frontend_config_from_args(parser, args)
+    from dataclasses import replace
+
+    from splitserve.worker.config import secret_from_env
+    config = replace(frontend_config_from_args(parser, args),
+                     worker_secret=secret_from_env(args.kv_secret))
     discovery = discovery_from_args(parser, args)
     if args.worker_url:
         if discovery is not None:

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "instead of --discovery)")
     frontend.add_argument("--port-file", help="write the bound port here once listening")
     add_frontend_args(frontend)
+    frontend.add_argument("--kv-secret", default=None,
+                          help="the deployment's secret, sent to the workers' API (default: "
+                               "$SPLITSERVE_KV_SECRET)")
     add_discovery_args(frontend, "frontend")
     _common(frontend)
     frontend.set_defaults(module="splitserve.cli.frontend_cmd", parser=frontend)

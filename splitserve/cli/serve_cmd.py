@@ -126,7 +126,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             for name, _ in roles:
                 _wait_ready(name, sup, stop, "127.0.0.1")
             frontend = sup.spawn("frontend", _frontend_argv(args, args.port, Path(tmp), discovery),
-                                 port_file=Path(tmp) / "frontend.port")
+                                 env=env, port_file=Path(tmp) / "frontend.port")
             port = _wait_ready("frontend", sup, stop, _url_host(args.host))
             # A restarted frontend takes the same port: clients keep their URL.
             frontend.argv = _frontend_argv(args, port, Path(tmp), discovery)

@@ -5,6 +5,10 @@ Each worker owns the file `<worker_id>.json` and rewrites it every heartbeat wit
 ignored. Writes go to a temporary file that is then renamed over the record, so a reader
 in another process sees the old record or the new one, never half of one. Watches poll.
 
+Disk I/O runs on this store's own thread, never on the event loop's default executor:
+whatever else a process parks there (slow work, blocked threads) cannot delay a heartbeat
+until the record lapses.
+
 Files of workers that died stay on disk (ignored once expired) until a worker with the
 same id registers again: a reader deleting them could race with that worker's rewrite.
 """
@@ -16,6 +20,7 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
@@ -64,12 +69,20 @@ class FileDiscovery(Discovery):
         self._renewer: asyncio.Task | None = None
         self._closed = asyncio.Event()
         self._bad_files: set[str] = set()
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="file-discovery")
+
+    async def _run(self, fn, *args):
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+        except RuntimeError as e:    # the I/O thread is shut down: close() ran
+            raise DiscoveryError("file discovery is closed") from e
+        return await future
 
     async def register(self, record: WorkerRecord) -> None:
         self._check_open()
         async with self._lock:
             self._own[record.worker_id] = record
-            await asyncio.to_thread(self._write, record)
+            await self._run(self._write, record)
         if self._renewer is None:
             self._renewer = asyncio.create_task(self._renew_forever(), name="file-discovery-renew")
 
@@ -79,7 +92,7 @@ class FileDiscovery(Discovery):
             if record.worker_id not in self._own:
                 raise DiscoveryError(f"update of unregistered worker {record.worker_id!r}")
             self._own[record.worker_id] = record
-            await asyncio.to_thread(self._write, record)
+            await self._run(self._write, record)
 
     async def deregister(self, worker_id: str) -> None:
         async with self._lock:
@@ -87,13 +100,13 @@ class FileDiscovery(Discovery):
                 self._path(worker_id).unlink(missing_ok=True)
 
     async def list(self) -> list[WorkerRecord]:
-        return sorted((await asyncio.to_thread(self._read_live)).values(),
+        return sorted((await self._run(self._read_live)).values(),
                       key=lambda r: r.worker_id)
 
     async def watch(self) -> AsyncIterator[WatchEvent]:
         known: dict[str, WorkerRecord] = {}
         while not self._closed.is_set():
-            current = await asyncio.to_thread(self._read_live)
+            current = await self._run(self._read_live)
             for event in diff_snapshots(known, current):
                 yield event
             known = current
@@ -101,6 +114,7 @@ class FileDiscovery(Discovery):
 
     async def close(self) -> None:
         await stop_and_withdraw(self, self._closed, self._renewer, self._own)
+        self._io.shutdown(wait=False)
 
     # --- internals ------------------------------------------------------------------
 
@@ -117,7 +131,7 @@ class FileDiscovery(Discovery):
             async with self._lock:
                 for record in list(self._own.values()):
                     try:
-                        await asyncio.to_thread(self._write, record)
+                        await self._run(self._write, record)
                     except OSError as e:
                         # Keep trying: a transient disk error must not end the heartbeat;
                         # readers drop the worker only if it lasts longer than the TTL.

@@ -51,7 +51,8 @@ class Frontend:
 
     def __init__(self, discovery: Discovery, config: FrontendConfig):
         self.config = config
-        self.client = WorkerClient(discovery, config.poll_interval_s, on_change=self._workers_changed)
+        self.client = WorkerClient(discovery, config.poll_interval_s, on_change=self._workers_changed,
+                                   secret=config.worker_secret)
         self.registry = CollectorRegistry()
         self.metrics = FrontendMetrics(self.registry)
         self.admission = AdmissionQueue(config.max_queued_requests, config.queue_timeout_s,

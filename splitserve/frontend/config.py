@@ -33,6 +33,8 @@ class FrontendConfig:
     migration_limit: int = 3
     poll_interval_s: float = 0.5
     max_request_bytes: int = 16 * 2**20
+    # The deployment's secret: workers that have one require it on their API.
+    worker_secret: str | None = field(default=None, repr=False)
     max_queued_requests: int = 1024
     queue_timeout_s: float = 600.0
     prefill_overflow: str = "local"

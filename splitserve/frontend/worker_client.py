@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
+
+from splitserve.worker.auth import bearer
 import msgspec
 
 from splitserve.discovery.base import Discovery
@@ -60,14 +62,16 @@ class WorkerClient:
 
     def __init__(self, discovery: Discovery, poll_interval_s: float = 0.5,
                  transport: httpx.AsyncBaseTransport | None = None,
-                 on_change: Callable[[list[WorkerStatus]], None] | None = None):
+                 on_change: Callable[[list[WorkerStatus]], None] | None = None,
+                 secret: str | None = None):
         self._discovery = discovery
         self._workers: dict[str, WorkerStatus] = {}     # discovery worker_id -> status
         self._poll_interval_s = poll_interval_s
         self._on_change = on_change
-        # No read timeout: a long prefill legitimately sends nothing for minutes.
+        # No read timeout: a long prefill legitimately sends nothing for minutes. Every
+        # call (generate, info, KV events) carries the deployment's secret, if any.
         self._http = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0, read=None), transport=transport,
+            timeout=httpx.Timeout(10.0, read=None), transport=transport, headers=bearer(secret),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self._tasks: set[asyncio.Task] = set()
         self.first_ready = asyncio.Event()

@@ -302,9 +302,9 @@ class _Fetch:
         if msg.tokens_done > self.tokens_done:
             self.tokens_done = msg.tokens_done
             self.last_advance = time.monotonic()
-        if (msg.queue_position, msg.tokens_ahead) != (self.queue_position, self.tokens_ahead):
-            log.debug("request %s: queued on prefill at position %d, %d tokens ahead",
-                      self.rid, msg.queue_position, msg.tokens_ahead)
+        log.debug("request %s: prefill progress %d/%d tokens (queue position %d, %d tokens "
+                  "ahead)", self.rid, msg.tokens_done, msg.tokens_total, msg.queue_position,
+                  msg.tokens_ahead)
         self.queue_position, self.tokens_ahead = msg.queue_position, msg.tokens_ahead
         self._check_busy(time.monotonic())
 

@@ -3,7 +3,7 @@
 Frame = PREFIX | header | payload
   PREFIX  = magic b"SSKV", u16 version, u16 reserved (0), u32 header_len, u64 payload_len
             (network byte order, 20 bytes)
-  header  = one msgspec/msgpack `Msg` struct (tagged union, tag field "t")
+  header  = one msgspec/msgpack `Msg` struct (tagged union, tag field "type")
   payload = raw KV block bytes; only BLOCKS frames over TCP carry one.
 
 Every length the peer sends is checked against a bound *before* anything is read or

@@ -11,6 +11,7 @@ worker keeps its record in discovery while it runs (registration.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -28,9 +29,11 @@ from splitserve.metrics import WorkerMetrics
 from splitserve.transfer.config import TransferStats
 from splitserve.worker import protocol as p
 from splitserve.worker.async_engine import AsyncEngine, EngineDeadError, EngineState, RequestFailed
+from splitserve.worker.auth import WorkerAuth
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.kv_events import KVEventPublisher
 from splitserve.worker.kv_port import KVPort
+from splitserve.worker.prefill_peers import PrefillPeers, UnknownPrefillWorker
 from splitserve.worker.prefill_rate import PrefillRateMeter
 from splitserve.worker.registration import WorkerRegistration
 from splitserve.worker.remote_prefill import RemotePrefill, TransferFailed
@@ -61,7 +64,10 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
     metrics = WorkerMetrics(engine.stats, transfer_stats)
     registry = metrics.registry
     kv_port = KVPort(engine, config, transfer_stats) if role == "prefill" else None
-    remote = RemotePrefill(engine, config, transfer_stats, metrics.kv_transfer_seconds.observe)
+    peers = PrefillPeers(registration.discovery if registration is not None else None,
+                         config.kv_peers)
+    remote = RemotePrefill(engine, config, transfer_stats, metrics.kv_transfer_seconds.observe,
+                           peers)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -76,6 +82,7 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
             await registration.start(describe)
         yield
         await begin_shutdown()
+        remote.close()
         if kv_port is not None:
             kv_port.close()
         engine.stop()
@@ -118,6 +125,8 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
             kv_blocks_in_use=s.kv_blocks_in_use, kv_blocks_total=s.kv_blocks_total)
 
     app = FastAPI(title="splitserve worker", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(WorkerAuth, secret=config.transfer.secret,
+                       on_refused=metrics.api_unauthorized.inc)
     app.state.begin_shutdown = begin_shutdown
 
     @app.get("/live")
@@ -181,7 +190,15 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
             if req.prefill is None:
                 outputs = await engine.add(req.request_id, req.prompt_token_ids, params)
             else:
-                outputs = await remote.run(req.request_id, req.prompt_token_ids, params, req.prefill)
+                outputs = await _unless_disconnected(
+                    request, remote.run(req.request_id, req.prompt_token_ids, params, req.prefill))
+                if outputs is None:
+                    logger.info("request_id=%s caller disconnected before its KV arrived",
+                                req.request_id)
+                    return Response(status_code=499)
+        except UnknownPrefillWorker as e:
+            logger.warning("request_id=%s refused: %s", req.request_id, e)
+            return _reply(400, p.WorkerError(str(e), e.param, code="unknown_prefill_worker"))
         except (RequestError, SamplingError) as e:
             logger.info("request_id=%s refused: %s", req.request_id, e)
             return _reply(400, p.WorkerError(str(e), e.param))
@@ -197,6 +214,35 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
         return StreamingResponse(_ndjson(req.request_id, outputs), media_type=NDJSON)
 
     return app
+
+
+async def _unless_disconnected(request: Request, work):
+    """Await `work`, or cancel it and return None as soon as the HTTP caller disconnects
+    (a KV fetch may wait minutes on a busy prefill worker; a caller that left must not
+    keep its reservation that long). The watcher is gone before a response streams, which
+    reads the same receive channel."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()      # we are cancelled ourselves (shutdown): the work goes too
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    return None
 
 
 async def _ndjson(request_id: str, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:

@@ -28,6 +28,12 @@ class WorkerConfig:
     kv_port: int = 0                    # prefill role: the KV port; 0 picks a free one
     kv_fallback: str = "local"          # decode role: what an unrecoverable transfer does
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    # decode role: KV fetches on their own bounded pool, so fetches waiting on a busy
+    # prefill worker can never starve the event loop's executor (discovery keep-alive).
+    kv_fetch_threads: int = 8
+    # decode role without discovery: the prefill KV ports it may connect to, as "HOST"
+    # (any port) or "HOST:PORT". With discovery, only registered prefill workers.
+    kv_peers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -36,6 +42,12 @@ class WorkerConfig:
             raise ConfigError(f"kv_fallback must be one of {FALLBACKS}, got {self.kv_fallback!r}")
         if not 0 <= self.kv_port <= 65535:
             raise ConfigError(f"kv_port must be 0..65535, got {self.kv_port}")
+        if not 1 <= self.kv_fetch_threads <= 1024:
+            raise ConfigError(f"kv_fetch_threads must be 1..1024, got {self.kv_fetch_threads}")
+        for peer in self.kv_peers:
+            host, sep, port = peer.rpartition(":") if peer.count(":") == 1 else ("", "", peer)
+            if sep and not (host and port.isdigit() and 0 < int(port) < 65536):
+                raise ConfigError(f"kv_peers entry {peer!r}: expected HOST or HOST:PORT")
         self.advertised_host()   # raises when the advertised address cannot work
 
     def advertised_host(self) -> str:

@@ -9,9 +9,12 @@
    here from the last verified block, `fail` frees everything and raises.
 
 Never silent: every fallback is counted by reason (TransferStats) and logged at WARNING
-with the request id. NOTE: the reservation is released only after the fetch thread has
-returned, even if the HTTP caller went away: until then the thread may still write into
-those blocks, and freeing them early would let it scribble over another request's KV.
+with the request id. Fetches run on their own bounded thread pool (`kv_fetch_threads`;
+more wait their turn in arrival order), never on the event loop's default executor, which
+discovery's keep-alive needs. A caller that leaves cancels its fetch (P is told to drop
+the request). NOTE: the reservation is released only after the fetch thread has
+returned: until then the thread may still write into those blocks, and freeing them
+early would let it scribble over another request's KV.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 from splitserve.engine.types import RequestOutput, SamplingParams
 from splitserve.transfer.backend import PrefillRequest
-from splitserve.transfer.client import fetch_kv
-from splitserve.transfer.config import FetchResult, TransferStats
-from splitserve.worker.async_engine import AsyncEngine
+from splitserve.transfer.client import FetchCancel, fetch_kv
+from splitserve.transfer.config import FetchResult, Outcome, TransferStats
+from splitserve.worker.async_engine import AsyncEngine, EngineDeadError
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.prefill_backend import sampling_for_prefill
+from splitserve.worker.prefill_peers import PrefillPeers
 from splitserve.worker.protocol import PrefillTarget
 
 logger = logging.getLogger(__name__)
@@ -44,40 +49,61 @@ class TransferFailed(RuntimeError):
 
 class RemotePrefill:
     def __init__(self, engine: AsyncEngine, config: WorkerConfig, stats: TransferStats,
-                 observe_seconds):
+                 observe_seconds, peers: PrefillPeers):
         self.engine = engine
         self.config = config
         self.stats = stats
+        self.peers = peers
         self._observe_seconds = observe_seconds
         self._fingerprint: dict[str, str] | None = None
+        self._pool = ThreadPoolExecutor(config.kv_fetch_threads, thread_name_prefix="kv-fetch")
+        self._fetches: dict[str, FetchCancel] = {}
+
+    def close(self) -> None:
+        """Cancel every fetch and let their threads return (each frees its reservation)."""
+        for cancel in list(self._fetches.values()):
+            cancel.cancel("the decode worker is shutting down")
+        self._pool.shutdown(wait=False, cancel_futures=False)
 
     async def run(self, request_id: str, prompt: list[int], params: SamplingParams,
                   target: PrefillTarget) -> AsyncIterator[RequestOutput]:
         """Returns the request's output stream once its KV is in place. Raises the
         engine's RequestError / CapacityError before any transfer, TransferFailed under
         --kv-fallback fail."""
+        kv_address = await self.peers.resolve(request_id, target)
         block_ids = await self.engine.call(lambda e: e.reserve(request_id, prompt, params))
         eng = self.engine.engine
         if self._fingerprint is None:
             self._fingerprint = eng.fingerprint()
         prefill = PrefillRequest(request_id, list(prompt), sampling_for_prefill(params), len(block_ids))
         logger.info("request_id=%s reserved %d KV blocks; fetching from prefill worker %s at %s:%d",
-                    request_id, len(block_ids), target.worker_id, target.kv_host, target.kv_port)
+                    request_id, len(block_ids), target.worker_id, *kv_address)
         loop = asyncio.get_running_loop()
-        fetch = loop.run_in_executor(
-            None, fetch_kv, (target.kv_host, target.kv_port), prefill, block_ids, eng.runner.kv,
-            self.config.transfer, self._fingerprint, self.stats)
+        cancel = self._fetches[request_id] = FetchCancel()
+        try:
+            fetch = loop.run_in_executor(
+                self._pool, fetch_kv, kv_address, prefill, block_ids, eng.runner.kv,
+                self.config.transfer, self._fingerprint, self.stats, cancel)
+        except RuntimeError:   # the pool is shut down: the worker is stopping
+            del self._fetches[request_id]
+            self.engine.abort(request_id)
+            raise
+        fetch.add_done_callback(lambda _f: self._fetches.pop(request_id, None))
         try:
             result: FetchResult = await asyncio.shield(fetch)
         except asyncio.CancelledError:
+            cancel.cancel("the request was aborted (its caller left)")
             fetch.add_done_callback(lambda _f: self.engine.abort(request_id))
-            logger.info("request_id=%s caller left during the KV transfer; the reservation is "
-                        "released when the transfer thread returns", request_id)
+            logger.info("request_id=%s caller left during the KV transfer; fetch cancelled, the "
+                        "reservation is released when the transfer thread returns", request_id)
             raise
         except BaseException:
             self.engine.abort(request_id)
             raise
         self._observe_seconds(result.seconds)
+        if result.outcome is Outcome.CANCELLED:    # only close() cancels a live caller's fetch
+            self.engine.abort(request_id)
+            raise EngineDeadError(f"KV fetch cancelled: {result.reason}")
         if result.ok:
             return await self.engine.open_stream(
                 request_id, lambda e: e.commit_reserved(request_id, len(prompt), result.first_token))
