@@ -40,6 +40,7 @@ KV_BLOCKS_TOTAL = "splitserve_kv_blocks_total"
 PREFIX_CACHE_QUERIES_TOTAL = "splitserve_prefix_cache_queries_total"
 PREFIX_CACHE_HITS_TOTAL = "splitserve_prefix_cache_hits_total"
 NUM_PREEMPTIONS_TOTAL = "splitserve_num_preemptions_total"
+PROMPT_TOKENS_COMPUTED_TOTAL = "splitserve_prompt_tokens_computed_total"
 
 # --- KV transfer (worker; D counts fetches, P counts what it sent and leases) ------------
 KV_TRANSFERS_TOTAL = "splitserve_kv_transfers_total"
@@ -155,6 +156,9 @@ class EngineStatsCollector(Collector):
         yield CounterMetricFamily(NUM_PREEMPTIONS_TOTAL,
                                   "Requests preempted (KV freed, recomputed later)",
                                   value=s.num_preemptions)
+        yield CounterMetricFamily(PROMPT_TOKENS_COMPUTED_TOTAL,
+                                  "Prompt tokens this engine computed (not cached, not transferred)",
+                                  value=s.num_computed_prompt_tokens)
 
 
 class TransferStatsCollector(Collector):
