@@ -20,7 +20,7 @@ from splitserve.discovery import StaticDiscovery, StaticDiscoveryConfig, WorkerR
 from splitserve.frontend.admission import AdmissionQueue
 from splitserve.frontend.errors import OpenAIError
 from splitserve.frontend.generation import Generation
-from splitserve.frontend.routing import RoutePlanner
+from splitserve.frontend.routing import Attempt, RoutePlanner
 from splitserve.frontend.worker_client import WorkerClient
 from splitserve.frontend.workers import WorkerState, WorkerStatus
 from splitserve.metrics import FrontendMetrics
@@ -210,9 +210,9 @@ def test_no_registered_worker_is_503_at_once_without_queueing(tokenizer):
     async def main():
         metrics = FrontendMetrics(CollectorRegistry())
         queue = AdmissionQueue(8, 60.0, metrics)
+        # Never started: it has seen no worker registered.
         client = WorkerClient(StaticDiscovery(StaticDiscoveryConfig(("http://x:1",))), poll_interval_s=60,
                               transport=httpx.MockTransport(lambda r: httpx.Response(500)))
-        client._workers.clear()     # nothing registered (static lists always register)
         gen = Generation(client, RoutePlanner(RoundRobinPolicy(), KVIndex(16), metrics), tokenizer,
                          metrics, p.GenerateRequest("r", [5], p.Sampling(max_tokens=1)), [], time.monotonic(),
                          admission=queue)
@@ -281,8 +281,7 @@ def test_a_saturated_prefill_worker_is_passed_over_by_its_expected_wait():
     assert planner.route(REQUEST, [p1, d0]).attempts[0].prefill.worker_id == "p1"
 
 
-def _attempt_on(prefill_worker: str, tokens: int):
-    from splitserve.frontend.routing import Attempt
+def _attempt_on(prefill_worker: str, tokens: int) -> Attempt:
     return Attempt("http://d0", "d0", None, prefill_worker, tokens)
 
 
@@ -314,7 +313,9 @@ def test_fits_predicts_room_from_reports_and_what_is_in_flight():
     planner.refused("other")
     assert planner.fits(REQUEST, [p0, d0])
     # A prompt no worker's pool can ever hold is refused outright rather than queued.
-    route = planner.route(p.GenerateRequest("r", list(range(100)), p.Sampling(max_tokens=1)), [p0, _worker("decode", "d0", blocks=(0, 5))])
-    assert planner.oversized(p.GenerateRequest("r", list(range(100)), p.Sampling(max_tokens=1)), route,
-                             [p0, _worker("decode", "d0", blocks=(0, 5))]).startswith(
-        "the prompt needs 7 KV blocks of 16 tokens")
+    big = p.GenerateRequest("r", list(range(100)), p.Sampling(max_tokens=1))
+    small_pool = [p0, _worker("decode", "d0", blocks=(0, 5))]
+    assert planner.oversized(big, planner.route(big, small_pool), small_pool) == (
+        "the prompt needs 7 KV blocks of 16 tokens, but the largest KV cache of the workers "
+        "that could serve it holds 5")
+    assert planner.oversized(REQUEST, planner.route(REQUEST, small_pool), small_pool) is None
