@@ -170,6 +170,10 @@ class WorkerClient:
     async def _raise_for(self, url: str, resp: httpx.Response) -> None:
         body = await resp.aread()
         error = _decode_or_none(body, p.WorkerError)
+        if resp.status_code == 400 and error is not None and error.code == "unknown_prefill_worker":
+            # Not the request's fault: this decode worker has not seen the prefill worker
+            # in its discovery yet (or never will). Another attempt or a later retry can work.
+            raise WorkerUnavailable(f"worker {url} does not know the prefill worker: {error.message}")
         if resp.status_code == 400 and error is not None:
             raise WorkerRejected(error.message, error.param)
         if resp.status_code == 502 and error is not None and error.code == "kv_transfer":
