@@ -279,6 +279,10 @@ def test_a_saturated_prefill_worker_is_passed_over_by_its_expected_wait():
     assert planner.route(REQUEST, [p1, d0]).attempts[0].local_prefill == "prefill_saturated"
     planner.refused("big")
     assert planner.route(REQUEST, [p1, d0]).attempts[0].prefill.worker_id == "p1"
+    # Without a wait limit (the default) a busy prefill worker is still used: its queue is
+    # a queue, and the decode worker waits for it up to its busy timeout.
+    default = RoutePlanner(RoundRobinPolicy(), KVIndex(16), FrontendMetrics(CollectorRegistry()))
+    assert default.route(REQUEST, [p0, d0]).attempts[0].prefill.worker_id == "p0"
 
 
 def _attempt_on(prefill_worker: str, tokens: int) -> Attempt:

@@ -42,7 +42,7 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     queue.add_argument("--max-prefill-wait", type=float, default=frontend.max_prefill_wait_s,
                        metavar="SECONDS", help="a prefill worker whose queued prompt tokens / "
                                                "measured rate exceed this is saturated "
-                                               "(default: %(default)s)")
+                                               "(default: never; requests wait in its queue)")
 
 
 def frontend_config_from_args(parser: argparse.ArgumentParser,
@@ -65,4 +65,4 @@ def frontend_argv(args: argparse.Namespace) -> list[str]:
             "--max-request-bytes", str(args.max_request_bytes),
             "--max-queued-requests", str(args.max_queued_requests),
             "--queue-timeout", repr(args.queue_timeout), "--prefill-overflow", args.prefill_overflow,
-            "--max-prefill-wait", repr(args.max_prefill_wait)]
+            *([] if args.max_prefill_wait is None else ["--max-prefill-wait", repr(args.max_prefill_wait)])]

@@ -27,7 +27,10 @@ class FrontendConfig:
     ready one's expected wait (pending prompt tokens / measured rate) exceeds
     max_prefill_wait_s: 'local' sends it to a decode worker without a prefill worker (it
     computes the prompt itself), 'queue' keeps it in the admission queue until a prefill
-    worker is usable."""
+    worker is usable. max_prefill_wait_s None (the default, as vLLM): a busy prefill worker
+    is never saturated; its queue is a queue (the decode worker waits up to its
+    --kv-busy-timeout). Computing locally pays only where decode workers have cores to
+    spare: on one machine measured TTFT got worse (docs/benchmarks.md)."""
 
     router: RouterConfig = field(default_factory=RouterConfig)
     migration_limit: int = 3
@@ -38,7 +41,7 @@ class FrontendConfig:
     max_queued_requests: int = 1024
     queue_timeout_s: float = 600.0
     prefill_overflow: str = "local"
-    max_prefill_wait_s: float = 10.0
+    max_prefill_wait_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.migration_limit < 0:
@@ -54,6 +57,6 @@ class FrontendConfig:
         if self.prefill_overflow not in PREFILL_OVERFLOW:
             raise ValueError(f"prefill_overflow must be one of {PREFILL_OVERFLOW}, got "
                              f"{self.prefill_overflow!r}")
-        if not 0 < self.max_prefill_wait_s < math.inf:
+        if self.max_prefill_wait_s is not None and not 0 < self.max_prefill_wait_s < math.inf:
             raise ValueError(f"max_prefill_wait_s must be positive and finite, got "
                              f"{self.max_prefill_wait_s}")

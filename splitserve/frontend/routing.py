@@ -7,7 +7,8 @@ the request naming P and fetches the prompt's KV from it. Without such a pair a 
 
 Prefill overflow (FrontendConfig.prefill_overflow): a prefill worker is saturated when the
 wait a new prompt can expect there (its pending prompt tokens, raised to what this
-frontend sent it, / its measured prefill rate) exceeds max_prefill_wait_s. When no
+frontend sent it, / its measured prefill rate) exceeds max_prefill_wait_s (None: never
+saturated). When no
 prefill worker is ready, or all are saturated, and no `both` worker is ready, policy
 `local` sends the request to a decode worker without a prefill target (D computes the
 prompt itself; Attempt.local_prefill says why, and it is counted), policy `queue` names
@@ -92,7 +93,7 @@ class RoutePlanner:
     admission queue's cue that capacity may have been freed."""
 
     def __init__(self, policy: RoutingPolicy, index: KVIndex, metrics: FrontendMetrics,
-                 overflow: str = "local", max_prefill_wait_s: float = 10.0,
+                 overflow: str = "local", max_prefill_wait_s: float | None = None,
                  on_settle: Callable[[], None] | None = None):
         self.policy = policy
         self.index = index
@@ -206,6 +207,8 @@ class RoutePlanner:
     def _unsaturated(self, prefill: list[WorkerStatus]) -> tuple[list[WorkerStatus], str]:
         """The prefill workers whose expected wait is within the limit (or unknown), and a
         description of the others' waits."""
+        if self.max_prefill_wait_s is None:
+            return prefill, ""
         loads = self.tracker.apply([self._load(w) for w in prefill])
         waits = {w.worker_id: w.expected_prefill_wait_s for w in loads}
         ok = [w for w in prefill if (waits[w.worker_id] or 0.0) <= self.max_prefill_wait_s]
