@@ -71,14 +71,16 @@ def check_nothing_leaked_and_nobody_dropped(server) -> None:
     assert server.frontend_metric("splitserve_requests_rejected_total") == 0
 
 
-def computed_once(server, prompt_tokens: int) -> None:
-    """Prompt tokens computed by P and D together, plus what P's prefix cache supplied,
-    add up to exactly the prompts: nothing was computed on both."""
+def computed_twice(server, prompt_tokens: int) -> float:
+    """Prompt tokens computed by P and D together, plus what their prefix caches supplied,
+    beyond the prompts themselves: 0 when nothing was computed on both. (Preemption
+    recomputes on purpose; the callers make sure none happened.)"""
     p_url, d_url = worker_urls(server)
+    for url in (p_url, d_url):
+        assert metric(server, url, "splitserve_num_preemptions_total") == 0
     computed = sum(metric(server, u, "splitserve_prompt_tokens_computed_total") for u in (p_url, d_url))
     cached = sum(metric(server, u, "splitserve_prefix_cache_hits_total") for u in (p_url, d_url))
-    transferred_on_d = metric(server, d_url, "splitserve_kv_transfer_bytes_total", direction="received")
-    assert computed + cached == prompt_tokens, (computed, cached, prompt_tokens, transferred_on_d)
+    return computed + cached - prompt_tokens
 
 
 def test_ordinary_load_every_kv_transferred_each_prompt_computed_once(smollm2_dir, tmp_path):
@@ -99,7 +101,7 @@ def test_ordinary_load_every_kv_transferred_each_prompt_computed_once(smollm2_di
         assert metric(server, p_url, "splitserve_kv_prefills_cancelled_total") == 0
         assert server.frontend_metric("splitserve_local_prefill_total") == 0
         assert metric(server, d_url, "splitserve_prompt_tokens_computed_total") == 0
-        computed_once(server, prompt_tokens)
+        assert computed_twice(server, prompt_tokens) == 0
         check_nothing_leaked_and_nobody_dropped(server)
     finally:
         server.stop()
@@ -107,14 +109,17 @@ def test_ordinary_load_every_kv_transferred_each_prompt_computed_once(smollm2_di
 
 def test_overload_follows_the_stated_policy_and_computes_nothing_twice(smollm2_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    prompts = chat_prompts(tokenizer, [3000] * 24, seed=8)
+    n = 16
+    prompts = chat_prompts(tokenizer, [3000] * n, seed=8)
     # The frontend sends prompts to the decode worker itself once the prefill worker's
     # queue promises more than 4 s; ones already queued there wait at most 12 s for it.
-    server = start_serve(None, tmp_path, "--max-prefill-wait", "4", "--kv-busy-timeout", "12")
+    # KV pools that hold every prompt at once: no preemption muddles the accounting.
+    server = start_serve(None, tmp_path, "--max-prefill-wait", "4", "--kv-busy-timeout", "12",
+                         "--kv-cache-memory", "2560MiB")
     try:
-        with ThreadPoolExecutor(24) as pool:
+        with ThreadPoolExecutor(n) as pool:
             results = list(pool.map(lambda c: ask(server.base_url, c), prompts))
-        assert [s for s, _ in results] == [200] * 24, [b for s, b in results if s != 200][:3]
+        assert [s for s, _ in results] == [200] * n, [b for s, b in results if s != 200][:3]
         prompt_tokens = sum(b["usage"]["prompt_tokens"] for _, b in results)
         p_url, d_url = worker_urls(server)
         local = server.frontend_metric("splitserve_local_prefill_total")
@@ -122,11 +127,18 @@ def test_overload_follows_the_stated_policy_and_computes_nothing_twice(smollm2_d
         busy = metric(server, d_url, "splitserve_kv_transfer_fallbacks_total", reason="busy")
         fallbacks = metric(server, d_url, "splitserve_kv_transfer_fallbacks_total")
         # Every request went one of the stated ways, and each way was counted.
-        assert local + ok + busy == 24 and fallbacks == busy, (local, ok, busy, fallbacks)
+        assert local + ok + busy == n and fallbacks == busy, (local, ok, busy, fallbacks)
         assert local + busy > 0, "the overload never overflowed: make it heavier"
         assert metric(server, p_url, "splitserve_kv_prefills_cancelled_total") == busy
         assert metric(server, p_url, "splitserve_kv_lease_expired_total") == 0
-        computed_once(server, prompt_tokens)
+        # A prefill given up on stops at its next chunk: a queued one is not started (unless
+        # the engine admitted it into the step it is computing as the CANCEL arrives), a
+        # running one's verified blocks are reused by the decode worker. So at most one
+        # scheduler chunk (2048 tokens) per cancelled prefill is computed twice, and in
+        # practice far less than the busy prompts would have cost on both sides.
+        twice = computed_twice(server, prompt_tokens)
+        assert 0 <= twice <= busy * 2048, twice
+        assert twice < 0.5 * busy * 3000, twice
         check_nothing_leaked_and_nobody_dropped(server)
     finally:
         server.stop()

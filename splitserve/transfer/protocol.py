@@ -28,7 +28,7 @@ a cross-process wake-up that measured as much as copying a 5 MiB block.
 Liveness runs both ways: D heartbeats P (renewing P's lease on the request), P sends a
 PROGRESS at least every heartbeat interval even while the request waits in its queue, so
 D's stall timer measures P's *silence*, never how busy P is. A D that gives up on a
-request says CANCEL, and P drops it: never computed if still queued, stopped at the next
+request says CANCEL, and P drops it: not started if still queued, stopped at the next
 chunk if running.
 """
 

@@ -142,7 +142,7 @@ class KVTransferServer:
         if cancelled:
             self.stats.add("prefills_cancelled")
             state = ("computed already" if computed else
-                     "never computed: it was still queued" if job.progress_seq == 0 else
+                     "still queued, not started" if job.progress_seq == 0 else
                      f"stopped after {done}/{total} tokens")
             log.warning("request %s: decode gave up (%s); prefill dropped, %s; %d bytes "
                         "sent", job.rid, why, state, sent)
