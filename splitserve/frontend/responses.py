@@ -24,7 +24,8 @@ class Shape:
     chat: bool
 
     def response_id(self, request_id: str) -> str:
-        """The body's `id`: OpenAI's prefix on the request id (x-request-id), as vLLM does."""
+        """The body's `id`: OpenAI's prefix on the internal request id (the client's
+        x-request-id plus a unique suffix, see request_ids.py), as vLLM prefixes its own."""
         return f"{'chatcmpl' if self.chat else 'cmpl'}-{request_id}"
 
     @property
