@@ -68,10 +68,13 @@ def record(worker_id: str, **kw) -> WorkerRecord:
 class Registrant:
     """A worker registering from its own process."""
 
+    started: list[subprocess.Popen] = []    # killed after each test, passed or failed
+
     def __init__(self, url: str, namespace: str, worker_id: str) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", REGISTRANT, url, namespace, worker_id, str(TTL_S)],
             stdout=subprocess.PIPE, text=True)
+        Registrant.started.append(self.proc)
 
     async def ready(self) -> None:
         line = await asyncio.to_thread(self.proc.stdout.readline)
@@ -81,6 +84,16 @@ class Registrant:
         self.proc.send_signal(sig)
         self.proc.wait(timeout=10)
         return time.monotonic()
+
+
+@pytest.fixture(autouse=True)
+def no_stray_registrants():
+    yield
+    while Registrant.started:
+        proc = Registrant.started.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 class Watcher:
@@ -163,7 +176,7 @@ def test_watch_sees_worker_process_register_and_exit_cleanly(backend_url, namesp
             watcher = Watcher(frontend)
             worker = Registrant(backend_url, namespace, "p1")
             await worker.ready()
-            await watcher.wait_for("put", "p1", timeout=5)
+            await watcher.wait_for("put", "p1", timeout=15)
             put = next(e for _, e in watcher.events if e.kind == "put")
             assert put.record.role == "prefill" and put.record.kv_port == 10
 
@@ -182,7 +195,7 @@ def test_sigkilled_worker_disappears_within_ttl(backend_url, namespace):
             watcher = Watcher(frontend)
             worker = Registrant(backend_url, namespace, "d1")
             await worker.ready()
-            await wait_listed(frontend, "d1", present=True, timeout=5)
+            await wait_listed(frontend, "d1", present=True, timeout=15)
             # Outlive a few heartbeats first: the registration is renewed, not just young.
             await asyncio.sleep(TTL_S + 0.5)
             assert "d1" in await listed_ids(frontend)
