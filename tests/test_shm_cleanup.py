@@ -34,10 +34,12 @@ def _owner() -> tuple[subprocess.Popen, list[str]]:
 
 
 def _start_server() -> None:
+    """Start a KV server (which clears what dead servers left) and stop it again."""
     kv = make_kv(8)
-    with KVTransferServer(kv, kv_fingerprint(kv), TransferConfig(transport="shm"),
-                          SyntheticBackend(kv)):
-        pass
+    server = KVTransferServer(kv, kv_fingerprint(kv), TransferConfig(transport="shm"),
+                              SyntheticBackend(kv))
+    server.start()
+    server.close()
 
 
 def test_a_killed_owners_files_go_when_a_kv_server_starts_and_a_live_owners_stay():

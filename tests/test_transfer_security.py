@@ -1,6 +1,7 @@
 """Handshake refusals and hostile peers: nothing is misread, nothing outside the reservation
 is written, and a bad peer cannot take the server down."""
 
+import contextlib
 import socket
 import struct
 import threading
@@ -133,12 +134,15 @@ class EvilPrefill:
                     sock.sendall(f)
                 except OSError:
                     return
-            sock.settimeout(5)
-            try:
-                while sock.recv(1 << 16):
-                    pass
-            except OSError:
-                pass
+            with contextlib.suppress(OSError):   # D may reset rather than close
+                read_until_closed(sock)
+
+
+def read_until_closed(sock, timeout=5.0):
+    """Read and discard until the peer closes; socket.timeout if it does not in time."""
+    sock.settimeout(timeout)
+    while sock.recv(1 << 16):
+        continue
 
 
 def frame(msg, payload=b"", payload_len=None):
@@ -225,9 +229,7 @@ def test_hostile_decode_cannot_hurt_the_server(attack):
                                               1 << 30, 0),
                    "payload": frame(proto.Heartbeat("target"), b"x" * 100)}[attack]
             sock.sendall(bad)
-            sock.settimeout(5)
-            while sock.recv(1 << 16):   # P drops the session; a timeout here fails
-                pass
+            read_until_closed(sock)     # P drops the session; a timeout here fails
             assert server.jobs() == ["target"]   # the job survives for a legit resume
         # The server still serves honest peers.
         ok_backend_request = PrefillRequest("honest", list(range(16)), proto.FirstTokenSampling(), 1)
@@ -290,9 +292,7 @@ def test_hostile_prefill_frames_are_refused_and_the_server_lives(attack):
             ch, ok = handshake(sock, fp)
             assert isinstance(ok, proto.HelloOk)
             sock.sendall(HOSTILE_PREFILLS[attack])
-            sock.settimeout(5)
-            while sock.recv(1 << 16):        # P closes the session; a timeout fails
-                pass
+            read_until_closed(sock)          # P closes the session; a timeout fails
         assert backend.started == [] and server.jobs() == []
         r = fetch_kv(server.address, request("honest", 2), [3, 4], dkv, cfg, fp)
         assert r.ok, r.reason

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel
 
 from splitserve.discovery.base import Discovery
+from splitserve.disconnect import unless_disconnected
 from splitserve.frontend.config import FrontendConfig
 from splitserve.frontend.admission import AdmissionQueue
 from splitserve.frontend.errors import OpenAIError, bad_request, unavailable
@@ -133,31 +134,6 @@ async def _parse(request: Request, model_cls: type[BaseModel]):
     return await parse_body(data, model_cls)
 
 
-async def _start_unless_gone(request: Request, gen: Generation) -> bool:
-    """gen.start(), unless the client disconnects first (False): a request waiting in the
-    admission queue (or for its decode worker's answer) leaves at once."""
-    start = asyncio.ensure_future(gen.start())
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((start, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not start.done():
-            start.cancel()
-        await asyncio.gather(start, gone, return_exceptions=True)
-    if start.cancelled():
-        return False
-    start.result()      # raises the start's OpenAIError
-    return True
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects. NOTE: only once the body was read: after it,
-    the server's receive() yields nothing but the disconnect."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> FastAPI:
     fe = Frontend(discovery, config or FrontendConfig())
 
@@ -236,7 +212,10 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> Fa
         gen = Generation(fe.client, fe.planner, fe.tokenizer, fe.metrics,
                          p.GenerateRequest(request_id, prompt, sampling), body.stop_list(), arrival,
                          fe.config.migration_limit, admission=fe.admission)
-        if not await _start_unless_gone(request, gen):
+        # A request waiting in the admission queue (or for its decode worker) leaves at
+        # once when its client does.
+        started, _ = await unless_disconnected(request, gen.start())
+        if not started:
             fe.metrics.requests.labels(status=CLIENT_GONE).inc()
             logger.info("request_id=%s client disconnected before a worker took it", request_id)
             return Response(status_code=int(CLIENT_GONE))

@@ -15,6 +15,7 @@ into it again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -73,10 +74,8 @@ class FetchCancel:
             sock = self._sock
         self._event.set()
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):   # the session may have closed meanwhile
                 sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to `seconds`, waking early (True) when cancelled."""

@@ -11,7 +11,6 @@ worker keeps its record in discovery while it runs (registration.py).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from splitserve.engine.llm_engine import CapacityError, RequestError
 from splitserve.discovery import WorkerRecord
+from splitserve.disconnect import unless_disconnected
 from splitserve.engine.types import EngineStats, RequestOutput, SamplingError
 from splitserve.metrics import WorkerMetrics
 from splitserve.transfer.config import TransferStats
@@ -190,9 +190,11 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
             if req.prefill is None:
                 outputs = await engine.add(req.request_id, req.prompt_token_ids, params)
             else:
-                outputs = await _unless_disconnected(
+                # A KV fetch may wait minutes on a busy prefill worker: a caller that
+                # left must not keep its reservation (or the prefill) that long.
+                answered, outputs = await unless_disconnected(
                     request, remote.run(req.request_id, req.prompt_token_ids, params, req.prefill))
-                if outputs is None:
+                if not answered:
                     logger.info("request_id=%s caller disconnected before its KV arrived",
                                 req.request_id)
                     return Response(status_code=499)
@@ -214,35 +216,6 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
         return StreamingResponse(_ndjson(req.request_id, outputs), media_type=NDJSON)
 
     return app
-
-
-async def _unless_disconnected(request: Request, work):
-    """Await `work`, or cancel it and return None as soon as the HTTP caller disconnects
-    (a KV fetch may wait minutes on a busy prefill worker; a caller that left must not
-    keep its reservation that long). The watcher is gone before a response streams, which
-    reads the same receive channel."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()      # we are cancelled ourselves (shutdown): the work goes too
-        raise
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
-    return None
 
 
 async def _ndjson(request_id: str, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[bytes]:
