@@ -102,7 +102,7 @@ class HelloOk(msgspec.Struct, tag="hello_ok"):
 
 
 class Refuse(msgspec.Struct, tag="refuse"):
-    code: str                    # version | fingerprint | auth | transport | unknown_request | bad_request | busy
+    code: str                    # version | fingerprint | auth | transport | unknown_request | bad_request
     reason: str
 
 
