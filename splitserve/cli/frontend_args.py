@@ -1,12 +1,16 @@
 """Frontend flags shared by `serve` and `frontend` (router policy, overlap weight,
-migration limit, admission queue, prefill overflow), with defaults read from RouterConfig / FrontendConfig, and the reverse,
-args -> flags, for serve's frontend child."""
+migration limit, admission queue, prefill overflow, API key, reasoning parser), with
+defaults read from RouterConfig / FrontendConfig, and the reverse, args -> flags, for
+serve's frontend child (all but the API key, which travels in its environment: a command
+line is visible to `ps`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
-from splitserve.frontend.config import PREFILL_OVERFLOW, FrontendConfig
+from splitserve.frontend.auth import API_KEY_ENV
+from splitserve.frontend.config import PREFILL_OVERFLOW, REASONING_PARSERS, FrontendConfig
 from splitserve.router import POLICIES, RouterConfig
 
 
@@ -43,6 +47,14 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
                        metavar="SECONDS", help="a prefill worker whose queued prompt tokens / "
                                                "measured rate exceed this is saturated "
                                                "(default: never; requests wait in its queue)")
+    api = parser.add_argument_group("API")
+    api.add_argument("--api-key", default=frontend.api_key, metavar="KEY",
+                     help="clients must send Authorization: Bearer KEY to every route but "
+                          f"/live, /health and /metrics (default: ${API_KEY_ENV}; unset: open)")
+    api.add_argument("--reasoning-parser", choices=REASONING_PARSERS,
+                     default=frontend.reasoning_parser,
+                     help="split chat output into reasoning_content (inside <think>...</think>) "
+                          "and content, as vLLM's parser of that name (default: off)")
 
 
 def frontend_config_from_args(parser: argparse.ArgumentParser,
@@ -54,9 +66,15 @@ def frontend_config_from_args(parser: argparse.ArgumentParser,
                               max_queued_requests=args.max_queued_requests,
                               queue_timeout_s=args.queue_timeout,
                               prefill_overflow=args.prefill_overflow,
-                              max_prefill_wait_s=args.max_prefill_wait)
+                              max_prefill_wait_s=args.max_prefill_wait,
+                              api_key=api_key_from_env(args.api_key),
+                              reasoning_parser=args.reasoning_parser)
     except ValueError as e:
         parser.error(str(e))
+
+
+def api_key_from_env(value: str | None) -> str | None:
+    return value if value is not None else (os.environ.get(API_KEY_ENV) or None)
 
 
 def frontend_argv(args: argparse.Namespace) -> list[str]:
@@ -65,4 +83,5 @@ def frontend_argv(args: argparse.Namespace) -> list[str]:
             "--max-request-bytes", str(args.max_request_bytes),
             "--max-queued-requests", str(args.max_queued_requests),
             "--queue-timeout", repr(args.queue_timeout), "--prefill-overflow", args.prefill_overflow,
-            *([] if args.max_prefill_wait is None else ["--max-prefill-wait", repr(args.max_prefill_wait)])]
+            *([] if args.max_prefill_wait is None else ["--max-prefill-wait", repr(args.max_prefill_wait)]),
+            *([] if args.reasoning_parser is None else ["--reasoning-parser", args.reasoning_parser])]

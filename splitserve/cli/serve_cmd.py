@@ -34,11 +34,12 @@ import httpx
 from splitserve.cli.discovery_args import discovery_from_args
 from splitserve.cli.engine_args import (engine_argv, engine_config_from_args, transfer_argv,
                                         worker_config_from_args)
-from splitserve.cli.frontend_args import frontend_argv, frontend_config_from_args
+from splitserve.cli.frontend_args import api_key_from_env, frontend_argv, frontend_config_from_args
 from splitserve.cli.logs import configure_logging
 from splitserve.cli.supervision_args import restart_policy_from_args
 from splitserve.cli.supervisor import RestartLimitReached, Supervisor
 from splitserve.config import EngineConfig
+from splitserve.frontend.auth import API_KEY_ENV
 from splitserve.worker.config import SECRET_ENV
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     # The secret travels in the children's environment: a command line is visible to `ps`.
     env = None if args.kv_secret is None else {**os.environ, SECRET_ENV: args.kv_secret}
+    # The API key likewise, to the frontend only.
+    api_key = api_key_from_env(args.api_key)
+    frontend_env = env if api_key is None else {**(env or os.environ), API_KEY_ENV: api_key}
     sup = Supervisor(policy)
     # The temporary directory holds the port files and, without --discovery, the file
     # discovery store: both go when serve ends.
@@ -126,7 +130,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             for name, _ in roles:
                 _wait_ready(name, sup, stop, "127.0.0.1")
             frontend = sup.spawn("frontend", _frontend_argv(args, args.port, Path(tmp), discovery),
-                                 env=env, port_file=Path(tmp) / "frontend.port")
+                                 env=frontend_env, port_file=Path(tmp) / "frontend.port")
             port = _wait_ready("frontend", sup, stop, _url_host(args.host))
             # A restarted frontend takes the same port: clients keep their URL.
             frontend.argv = _frontend_argv(args, port, Path(tmp), discovery)

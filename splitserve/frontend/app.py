@@ -1,5 +1,6 @@
 """The OpenAI-compatible frontend: /v1/chat/completions, /v1/completions, /v1/models,
-/live, /health, /metrics, and GET /cluster (the workers as the frontend sees them).
+/tokenize, /detokenize, /live, /health, /metrics, and GET /cluster (the workers as the
+frontend sees them); with an API key all but the probes and metrics need it (auth.py).
 
 Its workers come from discovery (a static list for `--worker-url`). It serves whatever
 model they serve: the model name, max_model_len, block size and the tokenizer's
@@ -28,15 +29,18 @@ from splitserve.discovery.base import Discovery
 from splitserve.disconnect import unless_disconnected
 from splitserve.frontend.config import FrontendConfig
 from splitserve.frontend.admission import AdmissionQueue
+from splitserve.frontend.auth import ApiKeyAuth
 from splitserve.frontend.errors import OpenAIError, bad_request, unavailable
 from splitserve.frontend.generation import CLIENT_GONE, Generation
 from splitserve.frontend.kv_events import KVEventFeed
 from splitserve.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from splitserve.frontend.preprocess import Preprocessor
+from splitserve.frontend.reasoning import splitter_for
 from splitserve.frontend.request_body import parse_body, read_body
 from splitserve.frontend.request_ids import RequestIdMiddleware
 from splitserve.frontend.responses import CHAT, COMPLETION, Shape, full_response, stream_events
 from splitserve.frontend.routing import LOCAL_PREFILL_REASONS, RoutePlanner, unavailable_reason
+from splitserve.frontend.tokenize_api import detokenize_route, tokenize_route
 from splitserve.frontend.worker_client import WorkerClient
 from splitserve.frontend.workers import WorkerStatus
 from splitserve.metrics import FrontendMetrics
@@ -146,6 +150,9 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> Fa
         await fe.close()
 
     app = FastAPI(title="splitserve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # Added first, so it runs inside the request-id middleware: a 401 has an x-request-id.
+    app.add_middleware(ApiKeyAuth, api_key=fe.config.api_key,
+                       on_refused=lambda: fe.metrics.requests.labels(status="401").inc())
     app.add_middleware(RequestIdMiddleware)
     app.state.frontend = fe
 
@@ -186,6 +193,9 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> Fa
             "id": info.model_name, "object": "model", "created": 0, "owned_by": "splitserve",
             "root": info.model_dir, "max_model_len": info.max_model_len}]})
 
+    app.add_api_route("/tokenize", tokenize_route, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize_route, methods=["POST"])
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await _complete(request, ChatCompletionRequest, CHAT)
@@ -219,9 +229,10 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> Fa
             fe.metrics.requests.labels(status=CLIENT_GONE).inc()
             logger.info("request_id=%s client disconnected before a worker took it", request_id)
             return Response(status_code=int(CLIENT_GONE))
+        reasoning = splitter_for(fe.config.reasoning_parser, fe.tokenizer, prompt) if shape.chat else None
         if body.stream:
-            return StreamingResponse(stream_events(shape, gen, info.model_name, body.include_usage),
-                                     media_type="text/event-stream")
-        return await full_response(shape, gen, info.model_name)
+            return StreamingResponse(stream_events(shape, gen, info.model_name, body.include_usage,
+                                                   reasoning), media_type="text/event-stream")
+        return await full_response(shape, gen, info.model_name, reasoning)
 
     return app

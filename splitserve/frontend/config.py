@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from splitserve.router import RouterConfig
 
 PREFILL_OVERFLOW = ("local", "queue")
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,11 @@ class FrontendConfig:
     worker is usable. max_prefill_wait_s None (the default, as vLLM): a busy prefill worker
     is never saturated; its queue is a queue (the decode worker waits up to its
     --kv-busy-timeout). Computing locally pays only where decode workers have cores to
-    spare: on one machine measured TTFT got worse (docs/benchmarks.md)."""
+    spare: on one machine measured TTFT got worse (docs/benchmarks.md).
+
+    api_key: clients must send `Authorization: Bearer <api_key>` (auth.py); None: open.
+    reasoning_parser: how chat output is split into reasoning_content and content
+    (reasoning.py); None: it is all content."""
 
     router: RouterConfig = field(default_factory=RouterConfig)
     migration_limit: int = 3
@@ -42,6 +47,8 @@ class FrontendConfig:
     queue_timeout_s: float = 600.0
     prefill_overflow: str = "local"
     max_prefill_wait_s: float | None = None
+    api_key: str | None = field(default=None, repr=False)
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if self.migration_limit < 0:
@@ -60,3 +67,10 @@ class FrontendConfig:
         if self.max_prefill_wait_s is not None and not 0 < self.max_prefill_wait_s < math.inf:
             raise ValueError(f"max_prefill_wait_s must be positive and finite, got "
                              f"{self.max_prefill_wait_s}")
+        if self.api_key is not None and (not self.api_key or not self.api_key.isprintable()
+                                         or not self.api_key.isascii()):
+            # An HTTP header carries it: printable ASCII. The value is never echoed.
+            raise ValueError("api_key must be a non-empty string of printable ASCII characters")
+        if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got "
+                             f"{self.reasoning_parser!r}")

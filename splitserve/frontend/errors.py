@@ -9,7 +9,8 @@ from __future__ import annotations
 import msgspec
 from fastapi.responses import Response
 
-_TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "RequestTooLargeError",
+_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+          413: "RequestTooLargeError",
           500: "InternalServerError", 502: "BadGatewayError", 503: "ServiceUnavailableError"}
 
 

@@ -25,7 +25,7 @@ OFFLOAD_PROMPT_SIZE = 64 * 1024
 
 class Preprocessor:
     def __init__(self, tokenizer, max_model_len: int):
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         self.max_model_len = max_model_len
 
     async def prompt(self, req: ChatCompletionRequest | CompletionRequest, chat: bool) -> list[int]:
@@ -35,22 +35,26 @@ class Preprocessor:
             return await asyncio.to_thread(build, req)
         return build(req)
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, req: ChatCompletionRequest, *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False,
+                    add_special_tokens: bool = False) -> list[int]:
+        """The keywords are /tokenize's (tokenize_api.py); a chat completion uses the defaults."""
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            text = self._tokenizer.apply_chat_template(messages, tokenize=False,
-                                                       add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message)
         except Exception as e:  # a template may raise on roles or orderings it does not allow
             raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from e
         # The template already wrote the special tokens (BOS, role markers) it wants.
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def completion_prompt(self, req: CompletionRequest) -> list[int]:
         prompt = req.prompt
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # a batch of one is one prompt
         if isinstance(prompt, str):
-            return self._tokenizer.encode(prompt)
+            return self.tokenizer.encode(prompt)
         if prompt and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         if not prompt:

@@ -1,7 +1,9 @@
 """OpenAI response bodies for chat and text completions, streamed (SSE) or whole.
 
 Chat and text completions differ only in names and in where the text goes (a `delta` /
-`message` object vs a `text` field), captured by `Shape`; the flow is shared.
+`message` object vs a `text` field), captured by `Shape`; the flow is shared. With a
+reasoning parser (chat only) the text is split into `reasoning_content` and `content`
+(reasoning.py) and usage counts `completion_tokens_details.reasoning_tokens`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import msgspec
 from fastapi.responses import Response
 
 from splitserve.frontend.errors import OpenAIError
-from splitserve.frontend.generation import Generation
+from splitserve.frontend.generation import Delta, Generation
+from splitserve.frontend.reasoning import ReasoningDelta, ReasoningSplitter
 
 DONE = b"data: [DONE]\n\n"
 
@@ -36,51 +39,78 @@ class Shape:
     def chunk_object_name(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def stream_choice(self, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+    def stream_choice(self, text: str | None, finish_reason: str | None, first: bool = False,
+                      reasoning: str | None = None) -> dict:
         if not self.chat:
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         delta: dict = {"role": "assistant"} if first else {}
+        if reasoning:
+            delta["reasoning_content"] = reasoning
         if text is not None:
             delta["content"] = text
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
-    def final_choice(self, text: str, finish_reason: str | None) -> dict:
+    def final_choice(self, text: str | None, finish_reason: str | None,
+                     reasoning: str | None = None) -> dict:
         if not self.chat:
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {"index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": None, "finish_reason": finish_reason}
+        message = {"role": "assistant", "content": text}
+        if reasoning is not None:
+            message["reasoning_content"] = reasoning
+        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
 
 
 CHAT = Shape(chat=True)
 COMPLETION = Shape(chat=False)
 
 
-def _usage(gen: Generation) -> dict:
-    return {"prompt_tokens": gen.num_prompt_tokens, "completion_tokens": gen.num_generated_tokens,
-            "total_tokens": gen.num_prompt_tokens + gen.num_generated_tokens}
+def _usage(gen: Generation, reasoning: ReasoningSplitter | None) -> dict:
+    usage = {"prompt_tokens": gen.num_prompt_tokens, "completion_tokens": gen.num_generated_tokens,
+             "total_tokens": gen.num_prompt_tokens + gen.num_generated_tokens}
+    if reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning.reasoning_tokens}
+    return usage
+
+
+def _split(reasoning: ReasoningSplitter | None, gen: Generation, delta: Delta) -> ReasoningDelta:
+    """A delta's text as (reasoning, content); without a parser it is all content."""
+    if reasoning is None:
+        return ReasoningDelta(content=delta.text)
+    out = reasoning.feed(delta.text, gen.num_generated_tokens)
+    if delta.finish_reason is not None:
+        rest = reasoning.flush(gen.num_generated_tokens)
+        out = ReasoningDelta(out.reasoning + rest.reasoning, out.content + rest.content)
+    return out
 
 
 def _sse(obj: dict) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
 
-async def full_response(shape: Shape, gen: Generation, model: str) -> Response:
+async def full_response(shape: Shape, gen: Generation, model: str,
+                        reasoning: ReasoningSplitter | None = None) -> Response:
     parts: list[str] = []
+    thoughts: list[str] = []
     finish_reason = None
     try:
         async for delta in gen.deltas():
-            parts.append(delta.text)
+            split = _split(reasoning, gen, delta)
+            parts.append(split.content)
+            thoughts.append(split.reasoning)
             finish_reason = delta.finish_reason
     except OpenAIError as e:  # already counted by the Generation
         return e.response()
+    if reasoning is None:
+        choice = shape.final_choice("".join(parts), finish_reason)
+    else:   # as vLLM: a part that is empty is null
+        choice = shape.final_choice("".join(parts) or None, finish_reason, "".join(thoughts) or None)
     body = {"id": shape.response_id(gen.request_id), "object": shape.object_name, "created": int(time.time()),
-            "model": model, "choices": [shape.final_choice("".join(parts), finish_reason)],
-            "usage": _usage(gen)}
+            "model": model, "choices": [choice], "usage": _usage(gen, reasoning)}
     return Response(msgspec.json.encode(body), media_type="application/json")
 
 
-async def stream_events(shape: Shape, gen: Generation, model: str,
-                        include_usage: bool) -> AsyncIterator[bytes]:
+async def stream_events(shape: Shape, gen: Generation, model: str, include_usage: bool,
+                        reasoning: ReasoningSplitter | None = None) -> AsyncIterator[bytes]:
     created = int(time.time())
 
     def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
@@ -94,13 +124,15 @@ async def stream_events(shape: Shape, gen: Generation, model: str,
         yield chunk([shape.stream_choice("", None, first=True)])
     try:
         async for delta in gen.deltas():
-            if delta.text:
-                yield chunk([shape.stream_choice(delta.text, None)])
+            split = _split(reasoning, gen, delta)
+            if split.content or split.reasoning:
+                yield chunk([shape.stream_choice(split.content or None, None,
+                                                 reasoning=split.reasoning)])
             if delta.finish_reason is not None:
                 yield chunk([shape.stream_choice(None if shape.chat else "", delta.finish_reason)])
     except OpenAIError as e:  # headers are sent: the error travels as an event (as vLLM does)
         yield _sse(e.body())
     else:
         if include_usage:
-            yield chunk([], _usage(gen))
+            yield chunk([], _usage(gen, reasoning))
     yield DONE
