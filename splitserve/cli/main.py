@@ -12,6 +12,7 @@ import sys
 
 from splitserve.bench import BENCHES
 from splitserve.cli.discovery_args import add_discovery_args
+from splitserve.cli.doctor_cmd import add_arguments as add_doctor_arguments
 from splitserve.cli.engine_args import add_engine_arguments, add_transfer_args
 from splitserve.cli.frontend_args import add_frontend_args
 from splitserve.cli.logs import LEVELS
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_discovery_args(worker, role="worker")
     _common(worker)
     worker.set_defaults(module="splitserve.cli.worker_cmd", parser=worker)
+
+    doctor = sub.add_parser("doctor", help="name what is wrong, from log files (`doctor logs`)")
+    add_doctor_arguments(doctor)
+    doctor.set_defaults(module="splitserve.cli.doctor_cmd", parser=doctor)
 
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
