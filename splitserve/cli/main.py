@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from splitserve.bench import BENCHES
+from splitserve.cli.deploy_cmd import add_arguments as add_deploy_arguments
 from splitserve.cli.discovery_args import add_discovery_args
 from splitserve.cli.doctor_cmd import add_arguments as add_doctor_arguments
 from splitserve.cli.engine_args import add_engine_arguments, add_transfer_args
@@ -83,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor = sub.add_parser("doctor", help="name what is wrong, from log files (`doctor logs`)")
     add_doctor_arguments(doctor)
     doctor.set_defaults(module="splitserve.cli.doctor_cmd", parser=doctor)
+
+    deploy = sub.add_parser("deploy", help="render manifests for a deployment "
+                                           "(`deploy kubernetes`)")
+    add_deploy_arguments(deploy)
+    deploy.set_defaults(module="splitserve.cli.deploy_cmd")
 
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
