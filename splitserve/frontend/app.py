@@ -20,6 +20,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -54,10 +55,11 @@ class Frontend:
     """State shared by the routes: the workers, the router and tokenizer once the model is
     known, the metrics."""
 
-    def __init__(self, discovery: Discovery, config: FrontendConfig):
+    def __init__(self, discovery: Discovery, config: FrontendConfig,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.config = config
         self.client = WorkerClient(discovery, config.poll_interval_s, on_change=self._workers_changed,
-                                   secret=config.worker_secret)
+                                   secret=config.worker_secret, transport=transport)
         self.registry = CollectorRegistry()
         self.metrics = FrontendMetrics(self.registry)
         self.admission = AdmissionQueue(config.max_queued_requests, config.queue_timeout_s,
@@ -138,8 +140,11 @@ async def _parse(request: Request, model_cls: type[BaseModel]):
     return await parse_body(data, model_cls)
 
 
-def create_app(discovery: Discovery, config: FrontendConfig | None = None) -> FastAPI:
-    fe = Frontend(discovery, config or FrontendConfig())
+def create_app(discovery: Discovery, config: FrontendConfig | None = None, *,
+               transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """transport: how the workers are reached (None: HTTP; tests pass httpx.MockTransport
+    to fake workers behind the real frontend)."""
+    fe = Frontend(discovery, config or FrontendConfig(), transport)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

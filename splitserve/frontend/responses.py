@@ -50,14 +50,11 @@ class Shape:
             delta["content"] = text
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
-    def final_choice(self, text: str | None, finish_reason: str | None,
-                     reasoning: str | None = None) -> dict:
+    def final_choice(self, text: str | None, finish_reason: str | None) -> dict:
         if not self.chat:
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        message = {"role": "assistant", "content": text}
-        if reasoning is not None:
-            message["reasoning_content"] = reasoning
-        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "message": {"role": "assistant", "content": text},
+                "logprobs": None, "finish_reason": finish_reason}
 
 
 CHAT = Shape(chat=True)
@@ -103,7 +100,8 @@ async def full_response(shape: Shape, gen: Generation, model: str,
     if reasoning is None:
         choice = shape.final_choice("".join(parts), finish_reason)
     else:   # as vLLM: a part that is empty is null
-        choice = shape.final_choice("".join(parts) or None, finish_reason, "".join(thoughts) or None)
+        choice = shape.final_choice("".join(parts) or None, finish_reason)
+        choice["message"]["reasoning_content"] = "".join(thoughts) or None
     body = {"id": shape.response_id(gen.request_id), "object": shape.object_name, "created": int(time.time()),
             "model": model, "choices": [choice], "usage": _usage(gen, reasoning)}
     return Response(msgspec.json.encode(body), media_type="application/json")
