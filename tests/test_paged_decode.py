@@ -1,0 +1,147 @@
+"""Decode attention over the paged KV cache, read in place (splitserve/engine/paged_decode.py).
+
+The reference is independent of the module: each sequence's tokens are gathered one by one
+from the pool and attended with plain SDPA (no mask, no padding).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from splitserve.engine import paged_decode as pd
+from splitserve.engine.paged_decode import PagedDecodeInputError, kernel_available, paged_decode_attention
+
+BS = 16
+D = 64
+LENS = [1, 15, 16, 17, 300, 1000]
+BF16_TOL = 1e-2   # bf16 keeps 8 mantissa bits: the output's rounding alone is up to 0.4% of |out|
+
+
+def _reference(q, k_cache, v_cache, tables, lens, scale):
+    out = []
+    for b, n in enumerate(lens.tolist()):
+        rows = [(int(tables[b, t // BS]), t % BS) for t in range(n)]
+        k = torch.stack([k_cache[blk, off] for blk, off in rows]).float()   # [n, Hkv, D]
+        v = torch.stack([v_cache[blk, off] for blk, off in rows]).float()
+        o = F.scaled_dot_product_attention(q[b].float()[:, None, :], k.transpose(0, 1), v.transpose(0, 1),
+                                           scale=scale, enable_gqa=True)
+        out.append(o[:, 0, :])
+    return torch.stack(out)
+
+
+def _batch(hq, hkv, dtype, lens=LENS, layers=3, seed=0):
+    """A pool laid out as the engine's kv[num_blocks, layers, 2, block, Hkv, D], block
+    tables drawn in random order from it, and one query per sequence."""
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = -(-max(lens) // BS)
+    num_blocks = len(lens) * max_blocks + 7
+    kv = torch.randn(num_blocks, layers, 2, BS, hkv, D, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = perm[:len(lens) * max_blocks].reshape(len(lens), max_blocks)
+    q = torch.randn(len(lens), hq, D, generator=g).to(dtype)
+    return kv, tables, torch.tensor(lens), q
+
+
+def test_kernel_builds_on_this_machine():
+    # Fails (never skips) when the build breaks: the fallback would hide a slow engine.
+    assert kernel_available(), pd._load_error
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (8, 2)])
+def test_float32_matches_reference_on_a_strided_pool_view(hq, hkv):
+    kv, tables, lens, q = _batch(hq, hkv, torch.float32)
+    layer = 1
+    k_cache, v_cache = kv[:, layer, 0], kv[:, layer, 1]
+    assert not k_cache.is_contiguous()
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens, scale=D ** -0.5)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, _reference(q, k_cache, v_cache, tables, lens, D ** -0.5),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (9, 3), (8, 2)])
+def test_bfloat16_matches_reference_within_bf16_rounding(hq, hkv):
+    kv, tables, lens, q = _batch(hq, hkv, torch.bfloat16)
+    k_cache, v_cache = kv[:, 2, 0], kv[:, 2, 1]
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), _reference(q, k_cache, v_cache, tables, lens, D ** -0.5),
+                               atol=BF16_TOL, rtol=BF16_TOL)
+
+
+def test_float32_query_over_a_bfloat16_pool_is_exact_to_the_widened_values():
+    kv, tables, lens, q = _batch(9, 3, torch.bfloat16)
+    q = q.float()
+    k_cache, v_cache = kv[:, 0, 0], kv[:, 0, 1]
+    out = paged_decode_attention(q, k_cache, v_cache, tables, lens)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, _reference(q, k_cache, v_cache, tables, lens, D ** -0.5),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_strided_query_padding_entries_and_scale():
+    kv, tables, lens, _ = _batch(9, 3, torch.float32, lens=[5, 40, 33])
+    # q as a slice of a fused projection: [B, Hq, D] with a row stride larger than Hq * D.
+    qkv = torch.randn(3, 15, D)
+    q = qkv[:, :9]
+    assert not q.is_contiguous()
+    tables = tables.clone()
+    tables[0, 1:] = 10 ** 9          # past a sequence's blocks: padding, never read
+    tables[2, 3:] = -1
+    out = paged_decode_attention(q, kv[:, 0, 0], kv[:, 0, 1], tables.to(torch.int32), lens, scale=0.3)
+    torch.testing.assert_close(out, _reference(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens, 0.3),
+                               atol=1e-5, rtol=1e-5)
+
+
+def _bad_inputs():
+    kv, tables, lens, q = _batch(9, 3, torch.float32, lens=[5, 40], layers=1)
+    k, v = kv[:, 0, 0], kv[:, 0, 1]
+    num_blocks = k.shape[0]
+    oob, neg = tables.clone(), tables.clone()
+    oob[1, 2] = num_blocks
+    neg[0, 0] = -1
+    return {
+        "block id past the pool": (q, k, v, oob, lens),
+        "negative block id": (q, k, v, neg, lens),
+        "zero length": (q, k, v, tables, torch.tensor([0, 40])),
+        "length past the table": (q, k, v, tables, torch.tensor([5, tables.shape[1] * BS + 1])),
+        "heads not a multiple": (torch.randn(2, 8, D), k, v, tables, lens),
+        "head dim differs": (torch.randn(2, 9, 32), k, v, tables, lens),
+        "float16": (q.half(), k.half(), v.half(), tables, lens),
+        "caches differ in dtype": (q, k, v.bfloat16(), tables, lens),
+        "float block table": (q, k, v, tables.float(), lens),
+        "batch mismatch": (q, k, v, tables[:1], lens),
+        "transposed cache": (q, k.transpose(2, 3), v.transpose(2, 3), tables, lens),
+        "q not 3-d": (q[None], k, v, tables, lens),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_inputs()))
+def test_invalid_input_raises_a_value_error(case):
+    with pytest.raises(PagedDecodeInputError):
+        paged_decode_attention(*_bad_inputs()[case])
+    assert issubclass(PagedDecodeInputError, ValueError)
+
+
+def test_without_the_kernel_the_torch_path_gives_the_same_result_and_warns_once(monkeypatch, caplog):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(pd, "_module", None)
+    monkeypatch.setattr(pd, "_load_error", None)
+    monkeypatch.setattr(pd, "_build", no_compiler)
+    kv, tables, lens, q = _batch(9, 3, torch.float32)
+    with caplog.at_level(logging.WARNING, logger=pd.__name__):
+        out = paged_decode_attention(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens)
+        paged_decode_attention(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens)
+        assert not kernel_available()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+    torch.testing.assert_close(out, _reference(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens, D ** -0.5),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(PagedDecodeInputError):
+        paged_decode_attention(*_bad_inputs()["block id past the pool"])
