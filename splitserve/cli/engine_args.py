@@ -23,10 +23,12 @@ _HELP = {
     "kv_cache_memory": "KV cache pool size, e.g. 2GiB (default: sized from the model)",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "seed": "engine seed for requests without their own",
+    "threads": "torch threads for this engine's compute (default: one per core; serve divides "
+               "the cores among the workers it starts)",
 }
 _TYPES = {"model": str, "served_model_name": str, "device": str, "block_size": int,
           "max_model_len": int, "max_num_seqs": int, "max_num_batched_tokens": int,
-          "kv_cache_memory": parse_size, "seed": int}
+          "kv_cache_memory": parse_size, "seed": int, "threads": int}
 
 
 def _flag(name: str) -> str:

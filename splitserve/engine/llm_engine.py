@@ -7,6 +7,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from splitserve.config import ConfigError, EngineConfig
 from splitserve.engine.kv_cache import KVLayout
 from splitserve.engine.kv_cache_manager import KVCacheManager
@@ -40,6 +42,9 @@ class LLMEngine:
         """kv_allocator(shape, dtype) -> tensor: see KVLayout.allocate."""
         self.config = config
         t0 = time.monotonic()
+        if config.threads is not None:
+            # Process-wide: a worker process runs exactly one engine.
+            torch.set_num_threads(config.threads)
         self.model_dir: Path = Path(resolve_model(config.model))
         self.arch = ModelArchConfig.from_dir(self.model_dir)
         self.model_name = config.served_model_name or (
@@ -63,9 +68,10 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []   # produced outside step(), returned by the next one
         self._arrivals = 0
         self._num_computed_prompt_tokens = 0
-        logger.info("engine ready in %.1fs: model=%s dtype=%s max_model_len=%d kv_blocks=%d x %d tokens (%.1f MiB)",
-                    time.monotonic() - t0, self.model_dir, dtype, self.max_model_len, num_blocks,
-                    config.block_size, num_blocks * self.layout.block_nbytes / 2**20)
+        logger.info("engine ready in %.1fs: model=%s dtype=%s max_model_len=%d kv_blocks=%d x %d tokens "
+                    "(%.1f MiB) threads=%d", time.monotonic() - t0, self.model_dir, dtype,
+                    self.max_model_len, num_blocks, config.block_size,
+                    num_blocks * self.layout.block_nbytes / 2**20, torch.get_num_threads())
 
     @staticmethod
     def _max_model_len(config: EngineConfig, arch: ModelArchConfig) -> int:
