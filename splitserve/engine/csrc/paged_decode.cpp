@@ -46,100 +46,131 @@ inline Vec load_float(const T* p, int64_t count) {
   }
 }
 
-template <typename T>
-inline float dot(const float* q, const T* k, int64_t d) {
-  Vec sum(0.f);
-  for (int64_t i = 0; i < d; i += kLanes) {
-    const int64_t n = std::min(kLanes, d - i);
-    sum = at::vec::fmadd(Vec::loadu(q + i), load_float(k + i, n), sum);  // q is zero-padded to whole vectors
+// The shape of one call, copied into each work item's locals so that stores to the
+// scratch buffers cannot be assumed to alias them (keeps them in registers).
+template <typename q_t, typename kv_t>
+struct Problem {
+  const q_t* q;
+  const kv_t* k;
+  const kv_t* v;
+  q_t* out;
+  const int64_t* tables;
+  const int64_t* lens;
+  int64_t Hkv, G, D, Dp, block_size, max_blocks;
+  int64_t qs0, qs1, os0, os1, ks0, ks1, ks2, vs0, vs1, vs2;
+  float scale;
+};
+
+// NV: vectors per head row when D == NV * kLanes is known at compile time (the loops then
+// unroll fully and need no tail); 0 for any other D (runtime count, last vector partial).
+template <int64_t NV, typename q_t, typename kv_t>
+void attend(const Problem<q_t, kv_t>& p, int64_t b, int64_t kh, float* __restrict qf,
+            float* __restrict acc, float* __restrict scores, float* __restrict m,
+            float* __restrict l) {
+  const int64_t G = p.G, D = p.D, bs = p.block_size;
+  const int64_t Dp = NV > 0 ? NV * kLanes : p.Dp;
+  const int64_t nv = Dp / kLanes;
+  const int64_t len = p.lens[b];
+  const int64_t ks1 = p.ks1, vs1 = p.vs1;
+  auto tail = [&](int64_t i) { return NV > 0 ? kLanes : std::min(kLanes, D - i * kLanes); };
+
+  for (int64_t g = 0; g < G; ++g) {
+    const q_t* src = p.q + b * p.qs0 + (kh * G + g) * p.qs1;
+    for (int64_t d = 0; d < Dp; ++d) qf[g * Dp + d] = d < D ? static_cast<float>(src[d]) * p.scale : 0.f;
   }
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum);
+  std::fill(acc, acc + G * Dp, 0.f);
+  // m, l: running max and sum of exp per query head.
+  std::fill(m, m + G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + G, 0.f);
+
+  const int64_t used = (len + bs - 1) / bs;
+  for (int64_t j = 0; j < used; ++j) {
+    const int64_t blk = p.tables[b * p.max_blocks + j];
+    const int64_t n = std::min(bs, len - j * bs);
+    const kv_t* kb = p.k + blk * p.ks0 + kh * p.ks2;
+    const kv_t* vb = p.v + blk * p.vs0 + kh * p.vs2;
+    for (int64_t t = 0; t < n; ++t) {
+      const kv_t* krow = kb + t * ks1;
+      Vec kvec[NV > 0 ? NV : 1];  // with NV known, the row is widened once for all G heads
+      if constexpr (NV > 0) {
+        for (int64_t i = 0; i < NV; ++i) kvec[i] = load_float(krow + i * kLanes, kLanes);
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf + g * Dp;
+        Vec sum(0.f);
+        for (int64_t i = 0; i < nv; ++i) {
+          const Vec kk = NV > 0 ? kvec[i] : load_float(krow + i * kLanes, tail(i));
+          sum = at::vec::fmadd(Vec::loadu(qg + i * kLanes), kk, sum);
+        }
+        scores[g * bs + t] = sum.reduce_add();
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = scores + g * bs;
+      const float m_new = std::max(m[g], *std::max_element(s, s + n));
+      // Scores are finite, so m_new is: alpha is exp(-inf) = 0 on the first block.
+      const float alpha = std::exp(m[g] - m_new);
+      Vec sum(0.f);
+      const Vec vmax(m_new);
+      for (int64_t t = 0; t < n; t += kLanes) {
+        const int64_t c = std::min(kLanes, n - t);
+        Vec e = (Vec::loadu(s + t, c) - vmax).exp();
+        if (c < kLanes) e = Vec::set(Vec(0.f), e, c);  // lanes past n must not add to the sum
+        e.store(s + t, c);
+        sum = sum + e;
+      }
+      l[g] = l[g] * alpha + sum.reduce_add();
+      m[g] = m_new;
+      // acc[g] = alpha * acc[g] + sum_t e[t] * V[t], one register per vector of the row.
+      const Vec va(alpha);
+      for (int64_t i = 0; i < nv; ++i) {
+        float* a = acc + g * Dp + i * kLanes;
+        Vec r = Vec::loadu(a) * va;
+        for (int64_t t = 0; t < n; ++t)
+          r = at::vec::fmadd(Vec(s[t]), load_float(vb + t * vs1 + i * kLanes, tail(i)), r);
+        r.store(a);
+      }
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    q_t* dst = p.out + b * p.os0 + (kh * G + g) * p.os1;
+    const float inv = 1.f / l[g];
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<q_t>(acc[g * Dp + d] * inv);
+  }
 }
 
 template <typename q_t, typename kv_t>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                    at::Tensor& out) {
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t block_size = k_cache.size(1), Hkv = k_cache.size(2);
-  const int64_t G = Hq / Hkv;
-  const int64_t max_blocks = block_tables.size(1);
-  const int64_t Dp = (D + kLanes - 1) / kLanes * kLanes;  // scratch rows padded to whole vectors
+  Problem<q_t, kv_t> p;
+  p.q = q.data_ptr<q_t>();
+  p.k = k_cache.data_ptr<kv_t>();
+  p.v = v_cache.data_ptr<kv_t>();
+  p.out = out.data_ptr<q_t>();
+  p.tables = block_tables.data_ptr<int64_t>();
+  p.lens = seq_lens.data_ptr<int64_t>();
+  p.Hkv = k_cache.size(2);
+  p.G = q.size(1) / p.Hkv;
+  p.D = q.size(2);
+  p.Dp = (p.D + kLanes - 1) / kLanes * kLanes;  // scratch rows padded to whole vectors
+  p.block_size = k_cache.size(1);
+  p.max_blocks = block_tables.size(1);
+  p.qs0 = q.stride(0), p.qs1 = q.stride(1), p.os0 = out.stride(0), p.os1 = out.stride(1);
+  p.ks0 = k_cache.stride(0), p.ks1 = k_cache.stride(1), p.ks2 = k_cache.stride(2);
+  p.vs0 = v_cache.stride(0), p.vs1 = v_cache.stride(1), p.vs2 = v_cache.stride(2);
+  p.scale = static_cast<float>(scale);
 
-  const q_t* q_ptr = q.data_ptr<q_t>();
-  const kv_t* k_ptr = k_cache.data_ptr<kv_t>();
-  const kv_t* v_ptr = v_cache.data_ptr<kv_t>();
-  q_t* o_ptr = out.data_ptr<q_t>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int64_t* lens = seq_lens.data_ptr<int64_t>();
-  const int64_t qs0 = q.stride(0), qs1 = q.stride(1);
-  const int64_t os0 = out.stride(0), os1 = out.stride(1);
-  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
-  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
-  const float fscale = static_cast<float>(scale);
-
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    // Per-thread scratch: scaled queries, accumulators, one block's scores per head.
-    std::vector<float> qf(G * Dp), acc(G * Dp), scores(G * block_size), m(G), l(G);
+  at::parallel_for(0, q.size(0) * p.Hkv, 1, [&p](int64_t begin, int64_t end) {
+    std::vector<float> qf(p.G * p.Dp), acc(p.G * p.Dp), scores(p.G * p.block_size), m(p.G), l(p.G);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / Hkv, kh = item % Hkv;
-      const int64_t len = lens[b];
-      for (int64_t g = 0; g < G; ++g) {
-        const q_t* src = q_ptr + b * qs0 + (kh * G + g) * qs1;
-        for (int64_t d = 0; d < Dp; ++d) qf[g * Dp + d] = d < D ? static_cast<float>(src[d]) * fscale : 0.f;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.f);
-
-      const int64_t num_blocks_used = (len + block_size - 1) / block_size;
-      for (int64_t j = 0; j < num_blocks_used; ++j) {
-        const int64_t blk = tables[b * max_blocks + j];
-        const int64_t n = std::min(block_size, len - j * block_size);
-        const kv_t* kb = k_ptr + blk * ks0 + kh * ks2;
-        const kv_t* vb = v_ptr + blk * vs0 + kh * vs2;
-        for (int64_t t = 0; t < n; ++t) {
-          const kv_t* krow = kb + t * ks1;
-          for (int64_t g = 0; g < G; ++g) scores[g * block_size + t] = dot(&qf[g * Dp], krow, D);
-        }
-        for (int64_t g = 0; g < G; ++g) {
-          float* s = &scores[g * block_size];
-          float block_max = *std::max_element(s, s + n);
-          const float m_new = std::max(m[g], block_max);
-          // m_new is finite (scores are finite), so alpha is 0 on the first block.
-          const float alpha = std::exp(m[g] - m_new);
-          Vec sum(0.f);
-          const Vec vmax(m_new);
-          for (int64_t t = 0; t < n; t += kLanes) {
-            const int64_t c = std::min(kLanes, n - t);
-            Vec p = (Vec::loadu(s + t, c) - vmax).exp();
-            if (c < kLanes) p = Vec::set(Vec(0.f), p, c);  // lanes past n must not add to the sum
-            p.store(s + t, c);
-            sum = sum + p;
-          }
-          l[g] = l[g] * alpha +
-                 at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return a + c; }, sum);
-          m[g] = m_new;
-          if (alpha != 1.f) {
-            const Vec va(alpha);
-            for (int64_t d = 0; d < Dp; d += kLanes) (Vec::loadu(&acc[g * Dp + d]) * va).store(&acc[g * Dp + d]);
-          }
-        }
-        for (int64_t t = 0; t < n; ++t) {
-          const kv_t* vrow = vb + t * vs1;
-          for (int64_t d = 0; d < Dp; d += kLanes) {
-            const Vec vv = load_float(vrow + d, std::min(kLanes, D - d));
-            for (int64_t g = 0; g < G; ++g) {
-              float* a = &acc[g * Dp + d];
-              at::vec::fmadd(Vec(scores[g * block_size + t]), vv, Vec::loadu(a)).store(a);
-            }
-          }
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        q_t* dst = o_ptr + b * os0 + (kh * G + g) * os1;
-        const float inv = 1.f / l[g];
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<q_t>(acc[g * Dp + d] * inv);
+      const int64_t b = item / p.Hkv, kh = item % p.Hkv;
+      if (p.D == 4 * kLanes) {
+        attend<4>(p, b, kh, qf.data(), acc.data(), scores.data(), m.data(), l.data());
+      } else if (p.D == 8 * kLanes) {
+        attend<8>(p, b, kh, qf.data(), acc.data(), scores.data(), m.data(), l.data());
+      } else {
+        attend<0>(p, b, kh, qf.data(), acc.data(), scores.data(), m.data(), l.data());
       }
     }
   });
