@@ -9,4 +9,5 @@ BENCHES = {
     "engine": "splitserve.bench.engine",
     "transfer": "splitserve.bench.transfer",
     "longctx": "splitserve.bench.longctx",
+    "attention": "splitserve.bench.attention",
 }
