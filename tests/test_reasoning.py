@@ -6,10 +6,12 @@ token stream is scripted (a tiny model cannot be made to write these tags)."""
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 from transformers import AutoTokenizer
 
+from live_server import start_serve
 from scripted_worker import MODEL, ScriptedWorker, frontend
 from splitserve.frontend.config import FrontendConfig
 from splitserve.frontend.detokenizer import IncrementalDetokenizer
@@ -109,7 +111,8 @@ def _served(tiny_llama_dir, tokenizer, output: str, parser: str | None):
 
 
 def _stream(client, **kw):
-    chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, stream=True,
+    kw.setdefault("model", MODEL)
+    chunks = list(client.chat.completions.create(messages=CHAT, stream=True,
                                                  stream_options={"include_usage": True}, **kw))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     return deltas, chunks[-1].usage
@@ -172,3 +175,27 @@ def test_without_a_parser_or_on_completions_the_tags_are_plain_text(tiny_llama_d
     with _served(tiny_llama_dir, tokenizer, output, "deepseek_r1") as http:
         text = _sdk(http).completions.create(model=MODEL, prompt="2 + 2 =", max_tokens=50)
     assert text.choices[0].text == output
+
+
+def test_a_real_stream_through_serve_is_split_as_its_plain_text_would_be(tiny_llama_dir, tmp_path):
+    """Disaggregated serve, real workers: the tiny model writes no tags, so under R1's rule
+    its whole greedy answer is reasoning; the same prompt's tokens through /v1/completions
+    (never parsed) say what that text is."""
+    srv = start_serve(tiny_llama_dir, tmp_path, "--max-model-len", "256", "--reasoning-parser",
+                      "deepseek_r1")
+    try:
+        prompt = httpx.post(f"{srv.base_url}/tokenize", json={"messages": CHAT}, timeout=30).json()["tokens"]
+        with openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0) as client:
+            model = client.models.list().data[0].id
+            greedy = dict(model=model, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+            text = client.completions.create(prompt=prompt, **greedy).choices[0].text
+            full = client.chat.completions.create(messages=CHAT, **greedy)
+            deltas, usage = _stream(client, **greedy)
+        assert (full.choices[0].message.reasoning_content, full.choices[0].message.content) == (text, None)
+        assert full.usage.completion_tokens_details.reasoning_tokens == 12
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == text
+        assert not any(d.content for d in deltas) and usage.model_dump() == full.usage.model_dump()
+        for url in srv.worker_urls:
+            assert srv.wait_worker_metric("splitserve_kv_blocks_in_use", 0, url=url) == 0
+    finally:
+        assert srv.stop() == 0, srv.log()[-3000:]
