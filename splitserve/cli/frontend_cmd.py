@@ -39,7 +39,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from splitserve.frontend.app import create_app
 
     server = HttpServer(create_app(discovery, config), args.host, args.port)
-    logger.info("frontend listening on http://%s:%d, router %s, workers from %s", server.host,
-                server.port, config.router.policy, where)
+    logger.info("frontend listening on http://%s:%d, router %s, workers from %s, API key %s",
+                server.host, server.port, config.router.policy, where,
+                "required" if config.api_key else "off")
     server.run(args.port_file)
     return 0

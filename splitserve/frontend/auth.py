@@ -44,7 +44,7 @@ class ApiKeyAuth:
         if hmac.compare_digest(given, self._expected):
             return await self.app(scope, receive, send)
         self._on_refused()
-        logger.warning("request_id=%s %s %s refused: %s API key", scope.get("state", {}).get(
+        logger.info("request_id=%s %s %s refused: %s API key", scope.get("state", {}).get(
             "request_id"), scope["method"], scope["path"], "wrong" if given else "no")
         response = unauthorized().response()
         response.headers["www-authenticate"] = "Bearer"

@@ -82,11 +82,13 @@ def _tokens(pre: Preprocessor, req: TokenizeChatRequest | TokenizeCompletionRequ
     return pre.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
 
 
-def detokenize(pre: Preprocessor, req: DetokenizeRequest) -> dict:
+async def detokenize(pre: Preprocessor, req: DetokenizeRequest) -> dict:
     vocab_size = len(pre.tokenizer)
     if (bad := next((t for t in req.tokens if t >= vocab_size), None)) is not None:
         raise bad_request(f"token id {bad} is outside the model's vocabulary (size {vocab_size})",
                           "tokens")
+    if len(req.tokens) > OFFLOAD_PROMPT_SIZE:
+        return {"prompt": await asyncio.to_thread(pre.tokenizer.decode, req.tokens)}
     return {"prompt": pre.tokenizer.decode(req.tokens)}
 
 
@@ -100,7 +102,7 @@ async def tokenize_route(request: Request) -> Response:
 async def detokenize_route(request: Request) -> Response:
     fe = request.app.state.frontend
     body = await parse_body(await read_body(request, fe.config.max_request_bytes), DetokenizeRequest)
-    return JSONResponse(detokenize(_model(fe, body), body))
+    return JSONResponse(await detokenize(_model(fe, body), body))
 
 
 def _model(fe, body) -> Preprocessor:
