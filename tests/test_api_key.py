@@ -55,7 +55,8 @@ def test_only_the_right_key_opens_the_api(tiny_llama_dir, caplog):
         assert [http.get(p).status_code for p in ("/live", "/health", "/metrics")] == [200] * 3
 
         client = _sdk(str(http.base_url), KEY, http)
-        assert client.chat.completions.create(model=MODEL, messages=CHAT).choices[0].message.content == "Hello!"
+        full = client.chat.completions.create(model=MODEL, messages=CHAT)
+        assert full.choices[0].message.content == "Hello!"
         chunks = list(client.chat.completions.create(model=MODEL, messages=CHAT, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello!"
         allowed = http.post("/tokenize", json={"prompt": "hi"}, headers={"authorization": f"Bearer {KEY}"})

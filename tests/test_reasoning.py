@@ -46,6 +46,7 @@ def _splits(text: str) -> list[list[str]]:
     ("deepseek_r1", False, "a</think>b</think>c<think>", ("a", "b</think>c<think>")),
     ("deepseek_r1", False, "ends in </thi", ("ends in </thi", "")),
     ("deepseek_r1", False, "<thi", ("<thi", "")),
+    ("deepseek_r1", False, "<think>", ("", "")),
     # Only a leading <think> opens: later it is text.
     ("deepseek_r1", False, "x<think>y</think>z", ("x<think>y", "z")),
     # Qwen3: the model opens <think> itself, or writes no tags at all (thinking off).
@@ -54,6 +55,7 @@ def _splits(text: str) -> list[list[str]]:
     ("qwen3", False, "an answer</think>with a tag", ("", "an answer</think>with a tag")),
     ("qwen3", False, "<think>cut off", ("cut off", "")),
     ("qwen3", False, "<th", ("", "<th")),
+    ("qwen3", False, "<think>", ("", "")),
     # Qwen3 with a template that opens <think> in the prompt: as R1.
     ("qwen3", True, "hmm</think>ok", ("hmm", "ok")),
 ])
@@ -65,9 +67,10 @@ def test_the_split_is_the_same_however_the_text_arrives(parser, prompt_opened, t
 def test_held_back_text_is_released_as_soon_as_it_cannot_be_a_tag():
     s = ReasoningSplitter("deepseek_r1")
     assert (s.feed("a </").reasoning, s.feed("b").reasoning) == ("a ", "</b")
-    assert s.feed("</think").reasoning == "" and not s.ended
+    assert s.feed("</think").reasoning == ""
     out = s.feed("> yes")
-    assert (out.reasoning, out.content, s.ended) == ("", " yes", True)
+    assert (out.reasoning, out.content) == ("", " yes")
+    assert (s.feed("</think>").content, s.flush().content) == ("</think>", "")
 
 
 def test_reasoning_tokens_count_the_tokens_up_to_the_closing_tag(tokenizer):

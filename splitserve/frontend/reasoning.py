@@ -48,8 +48,7 @@ def prompt_opens_think(tokenizer, prompt_token_ids: list[int]) -> bool:
 
 class ReasoningSplitter:
     """One request's text, split as it streams. feed() returns what is safe to emit now;
-    flush() the rest once the stream ended. `ended` tells whether reasoning is over;
-    `reasoning_tokens` counts the tokens up to the one whose text ended it (all of them
+    flush() the rest once the stream ended. `reasoning_tokens` counts the tokens up to the one whose text ended it (all of them
     while it lasts), by the token counts feed() is given with each piece of text."""
 
     def __init__(self, parser: str, prompt_opened: bool = False):
@@ -59,10 +58,6 @@ class ReasoningSplitter:
         self._state = _START
         self._pending = ""
         self.reasoning_tokens = 0
-
-    @property
-    def ended(self) -> bool:
-        return self._state == _CONTENT
 
     def feed(self, text: str, num_tokens: int = 0) -> ReasoningDelta:
         """num_tokens: tokens generated so far, `text` included: while reasoning lasts, and
@@ -79,12 +74,12 @@ class ReasoningSplitter:
         buf = self._pending + text
         self._pending = ""
         if self._state == _START:
-            if THINK_START.startswith(buf):         # maybe the opening tag: wait
-                self._pending = buf
-                return out
             if buf.startswith(THINK_START):
                 buf = buf[len(THINK_START):]
                 self._state = _REASONING
+            elif THINK_START.startswith(buf):       # maybe the opening tag: wait
+                self._pending = buf
+                return out
             else:
                 self._state = _REASONING if self._starts_in_reasoning else _CONTENT
         if self._state == _REASONING:
@@ -122,4 +117,5 @@ def splitter_for(parser: str | None, tokenizer, prompt_token_ids: list[int]) -> 
     if parser is None:
         return None
     # R1 always starts in reasoning: no need to look at its prompt.
-    return ReasoningSplitter(parser, parser == "qwen3" and prompt_opens_think(tokenizer, prompt_token_ids))
+    opened = parser == "qwen3" and prompt_opens_think(tokenizer, prompt_token_ids)
+    return ReasoningSplitter(parser, opened)
