@@ -180,12 +180,13 @@ def test_without_a_parser_or_on_completions_the_tags_are_plain_text(tiny_llama_d
     assert text.choices[0].text == output
 
 
-def test_a_real_stream_through_serve_is_split_as_its_plain_text_would_be(tiny_llama_dir, tmp_path):
-    """Disaggregated serve, real workers: the tiny model writes no tags, so under R1's rule
-    its whole greedy answer is reasoning; the same prompt's tokens through /v1/completions
-    (never parsed) say what that text is."""
-    srv = start_serve(tiny_llama_dir, tmp_path, "--max-model-len", "256", "--reasoning-parser",
-                      "deepseek_r1")
+@pytest.mark.parametrize("mode", [[], ["--aggregated"]], ids=["disaggregated", "aggregated"])
+def test_a_real_stream_through_serve_is_split_as_its_plain_text_would_be(tiny_llama_dir, tmp_path, mode):
+    """Real workers: the tiny model writes no tags, so under R1's rule its whole greedy
+    answer is reasoning; the same prompt's tokens through /v1/completions (never parsed)
+    say what that text is."""
+    srv = start_serve(tiny_llama_dir, tmp_path, *mode, "--max-model-len", "256",
+                      "--reasoning-parser", "deepseek_r1")
     try:
         prompt = httpx.post(f"{srv.base_url}/tokenize", json={"messages": CHAT}, timeout=30).json()["tokens"]
         with openai.OpenAI(base_url=f"{srv.base_url}/v1", api_key="unused", max_retries=0) as client:
