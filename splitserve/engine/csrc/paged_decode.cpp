@@ -61,6 +61,22 @@ struct Problem {
   float scale;
 };
 
+// Asks for the n K and V rows of (block, kv head) while the current block is computed:
+// rows of one head are block_size * Hkv * D apart in the pool, too sparse for the hardware
+// prefetcher to run ahead of a 16-row block.
+template <typename q_t, typename kv_t>
+inline void prefetch_block(const Problem<q_t, kv_t>& p, int64_t blk, int64_t kh, int64_t n) {
+  const char* kb = reinterpret_cast<const char*>(p.k + blk * p.ks0 + kh * p.ks2);
+  const char* vb = reinterpret_cast<const char*>(p.v + blk * p.vs0 + kh * p.vs2);
+  const int64_t row_bytes = p.D * static_cast<int64_t>(sizeof(kv_t));
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t off = 0; off < row_bytes; off += 64) {
+      __builtin_prefetch(kb + t * p.ks1 * sizeof(kv_t) + off);
+      __builtin_prefetch(vb + t * p.vs1 * sizeof(kv_t) + off);
+    }
+  }
+}
+
 // NV: vectors per head row when D == NV * kLanes is known at compile time (the loops then
 // unroll fully and need no tail); 0 for any other D (runtime count, last vector partial).
 template <int64_t NV, typename q_t, typename kv_t>
@@ -89,6 +105,7 @@ void attend(const Problem<q_t, kv_t>& p, int64_t b, int64_t kh, float* __restric
     const int64_t n = std::min(bs, len - j * bs);
     const kv_t* kb = p.k + blk * p.ks0 + kh * p.ks2;
     const kv_t* vb = p.v + blk * p.vs0 + kh * p.vs2;
+    if (j + 1 < used) prefetch_block(p, p.tables[b * p.max_blocks + j + 1], kh, std::min(bs, len - (j + 1) * bs));
     for (int64_t t = 0; t < n; ++t) {
       const kv_t* krow = kb + t * ks1;
       Vec kvec[NV > 0 ? NV : 1];  // with NV known, the row is widened once for all G heads
@@ -121,14 +138,37 @@ void attend(const Problem<q_t, kv_t>& p, int64_t b, int64_t kh, float* __restric
       }
       l[g] = l[g] * alpha + sum.reduce_add();
       m[g] = m_new;
-      // acc[g] = alpha * acc[g] + sum_t e[t] * V[t], one register per vector of the row.
+      // acc[g] = alpha * acc[g] + sum_t e[t] * V[t]
+      float* a = acc + g * Dp;
       const Vec va(alpha);
-      for (int64_t i = 0; i < nv; ++i) {
-        float* a = acc + g * Dp + i * kLanes;
-        Vec r = Vec::loadu(a) * va;
-        for (int64_t t = 0; t < n; ++t)
-          r = at::vec::fmadd(Vec(s[t]), load_float(vb + t * vs1 + i * kLanes, tail(i)), r);
-        r.store(a);
+      if constexpr (NV > 0) {
+        // The row in registers, two tokens at a time into two sets: 2 * NV independent
+        // FMA chains (one chain per vector would wait on the FMA latency every token).
+        Vec r0[NV], r1[NV];
+        for (int64_t i = 0; i < NV; ++i) r0[i] = Vec::loadu(a + i * kLanes) * va, r1[i] = Vec(0.f);
+        int64_t t = 0;
+        for (; t + 1 < n; t += 2) {
+          const Vec e0(s[t]), e1(s[t + 1]);
+          const kv_t* v0 = vb + t * vs1;
+          const kv_t* v1 = v0 + vs1;
+          for (int64_t i = 0; i < NV; ++i) {
+            r0[i] = at::vec::fmadd(e0, load_float(v0 + i * kLanes, kLanes), r0[i]);
+            r1[i] = at::vec::fmadd(e1, load_float(v1 + i * kLanes, kLanes), r1[i]);
+          }
+        }
+        if (t < n) {
+          const Vec e0(s[t]);
+          for (int64_t i = 0; i < NV; ++i)
+            r0[i] = at::vec::fmadd(e0, load_float(vb + t * vs1 + i * kLanes, kLanes), r0[i]);
+        }
+        for (int64_t i = 0; i < NV; ++i) (r0[i] + r1[i]).store(a + i * kLanes);
+      } else {
+        for (int64_t i = 0; i < nv; ++i) {
+          Vec r = Vec::loadu(a + i * kLanes) * va;
+          for (int64_t t = 0; t < n; ++t)
+            r = at::vec::fmadd(Vec(s[t]), load_float(vb + t * vs1 + i * kLanes, tail(i)), r);
+          r.store(a + i * kLanes);
+        }
       }
     }
   }
