@@ -6,16 +6,24 @@ token stream is scripted (a tiny model cannot be made to write these tags)."""
 
 from __future__ import annotations
 
+import json
+import re
+import time
+
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 from transformers import AutoTokenizer
 
 from live_server import start_serve
 from scripted_worker import MODEL, ScriptedWorker, frontend
+from splitserve.discovery import StaticDiscovery, StaticDiscoveryConfig
+from splitserve.frontend.app import create_app
 from splitserve.frontend.config import FrontendConfig
 from splitserve.frontend.detokenizer import IncrementalDetokenizer
 from splitserve.frontend.reasoning import ReasoningSplitter, prompt_opens_think
+from splitserve.worker import protocol as p
 
 CHAT = [{"role": "user", "content": "What is 2 + 2?"}]
 
@@ -203,3 +211,58 @@ def test_a_real_stream_through_serve_is_split_as_its_plain_text_would_be(tiny_ll
             assert srv.wait_worker_metric("splitserve_kv_blocks_in_use", 0, url=url) == 0
     finally:
         assert srv.stop() == 0, srv.log()[-3000:]
+
+
+class BreakingWorkers(ScriptedWorker):
+    """Workers w0 and w1 serving one script; a request's first attempt breaks its stream
+    after `breaks_after` tokens (the worker died), a migrated attempt (prompt + the tokens
+    so far) continues the script where that prompt left it."""
+
+    def __init__(self, model_dir, tokens: list[int], breaks_after: int):
+        super().__init__(model_dir, tokens)
+        self.breaks_after = breaks_after
+        self.hosts: list[str] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/generate":
+            return super().__call__(request)
+        body = json.loads(request.content)
+        self.received.append(body)
+        self.hosts.append(request.url.host)
+        done = len(body["prompt_token_ids"]) - len(self.received[0]["prompt_token_ids"])
+        todo = self.tokens[done:]
+        breaks = None if re.search(r"-m\d+$", body["request_id"]) else self.breaks_after
+
+        async def stream():
+            for i, token in enumerate(todo):
+                if i == breaks:
+                    raise httpx.RemoteProtocolError("peer closed connection without sending "
+                                                    "complete message body")
+                yield p.encode_line(p.GenerateChunk(
+                    new_token_ids=[token], finish_reason="stop" if i == len(todo) - 1 else None))
+        return httpx.Response(200, content=stream())
+
+
+def test_a_stream_migrated_inside_the_closing_tag_is_split_as_one_stream(tiny_llama_dir, tokenizer):
+    reasoning, content = "2 and 2 make 4.", " It is 4."
+    tokens = tokenizer.encode(reasoning + "</think>" + content, add_special_tokens=False)
+    # The worker dies after "...4.</th": the tag's two halves come from two workers.
+    worker = BreakingWorkers(tiny_llama_dir, tokens, breaks_after=len(reasoning) + 4)
+    app = create_app(StaticDiscovery(StaticDiscoveryConfig(("http://w0:1", "http://w1:1"))),
+                     FrontendConfig(reasoning_parser="deepseek_r1"), transport=httpx.MockTransport(worker))
+    with TestClient(app) as http:
+        deadline = time.monotonic() + 60
+        while http.get("/health").status_code != 200 or len(http.get("/cluster").json()["workers"]) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        client = _sdk(http)
+        full = client.chat.completions.create(model=MODEL, messages=CHAT)
+        deltas, usage = _stream(client)
+    assert (full.choices[0].message.reasoning_content, full.choices[0].message.content) == (reasoning, content)
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
+    assert "".join(d.content or "" for d in deltas) == content
+    assert usage.completion_tokens == len(tokens) and usage.model_dump() == full.usage.model_dump()
+    assert usage.completion_tokens_details.reasoning_tokens == len(reasoning) + len("</think>")
+    # Each request moved once, to the other worker.
+    assert [r["request_id"].endswith("-m1") for r in worker.received] == [False, True] * 2
+    assert worker.hosts[0] != worker.hosts[1] and worker.hosts[2] != worker.hosts[3]
