@@ -22,9 +22,10 @@ BF16_TOL = 1e-2   # bf16 keeps 8 mantissa bits: the output's rounding alone is u
 
 
 def _reference(q, k_cache, v_cache, tables, lens, scale):
+    bs = k_cache.shape[1]
     out = []
     for b, n in enumerate(lens.tolist()):
-        rows = [(int(tables[b, t // BS]), t % BS) for t in range(n)]
+        rows = [(int(tables[b, t // bs]), t % bs) for t in range(n)]
         k = torch.stack([k_cache[blk, off] for blk, off in rows]).float()   # [n, Hkv, D]
         v = torch.stack([v_cache[blk, off] for blk, off in rows]).float()
         o = F.scaled_dot_product_attention(q[b].float()[:, None, :], k.transpose(0, 1), v.transpose(0, 1),
@@ -33,16 +34,16 @@ def _reference(q, k_cache, v_cache, tables, lens, scale):
     return torch.stack(out)
 
 
-def _batch(hq, hkv, dtype, lens=LENS, layers=3, seed=0):
+def _batch(hq, hkv, dtype, lens=LENS, layers=3, seed=0, head_dim=D, block_size=BS):
     """A pool laid out as the engine's kv[num_blocks, layers, 2, block, Hkv, D], block
     tables drawn in random order from it, and one query per sequence."""
     g = torch.Generator().manual_seed(seed)
-    max_blocks = -(-max(lens) // BS)
+    max_blocks = -(-max(lens) // block_size)
     num_blocks = len(lens) * max_blocks + 7
-    kv = torch.randn(num_blocks, layers, 2, BS, hkv, D, generator=g).to(dtype)
+    kv = torch.randn(num_blocks, layers, 2, block_size, hkv, head_dim, generator=g).to(dtype)
     perm = torch.randperm(num_blocks, generator=g)
     tables = perm[:len(lens) * max_blocks].reshape(len(lens), max_blocks)
-    q = torch.randn(len(lens), hq, D, generator=g).to(dtype)
+    q = torch.randn(len(lens), hq, head_dim, generator=g).to(dtype)
     return kv, tables, torch.tensor(lens), q
 
 
@@ -70,6 +71,26 @@ def test_bfloat16_matches_reference_within_bf16_rounding(hq, hkv):
     out = paged_decode_attention(q, k_cache, v_cache, tables, lens)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), _reference(q, k_cache, v_cache, tables, lens, D ** -0.5),
+                               atol=BF16_TOL, rtol=BF16_TOL)
+
+
+# 64 and 128 have compiled-in row loops; other head dims take the runtime loop, 72 with a
+# partial last vector. Block sizes other than the default 16 as the engine may be configured.
+@pytest.mark.parametrize("head_dim,block_size", [(128, 16), (80, 16), (72, 8), (32, 32), (64, 1)])
+def test_other_head_dims_and_block_sizes(head_dim, block_size):
+    kv, tables, lens, q = _batch(8, 2, torch.float32, lens=[1, 7, 8, 9, 100], head_dim=head_dim,
+                                 block_size=block_size)
+    out = paged_decode_attention(q, kv[:, 1, 0], kv[:, 1, 1], tables, lens)
+    torch.testing.assert_close(out, _reference(q, kv[:, 1, 0], kv[:, 1, 1], tables, lens, head_dim ** -0.5),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_query_over_a_float32_pool():
+    kv, tables, lens, q = _batch(9, 3, torch.float32, lens=[3, 50])
+    q = q.bfloat16()
+    out = paged_decode_attention(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), _reference(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens, D ** -0.5),
                                atol=BF16_TOL, rtol=BF16_TOL)
 
 
@@ -115,7 +136,8 @@ def _bad_inputs():
         "caches differ in dtype": (q, k, v.bfloat16(), tables, lens),
         "float block table": (q, k, v, tables.float(), lens),
         "batch mismatch": (q, k, v, tables[:1], lens),
-        "transposed cache": (q, k.transpose(2, 3), v.transpose(2, 3), tables, lens),
+        "cache rows not contiguous": (q, *(torch.randn(*k.shape[:3], 2 * D)[..., ::2] for _ in "kv"),
+                                      tables, lens),
         "q not 3-d": (q[None], k, v, tables, lens),
     }
 
