@@ -252,13 +252,14 @@ def test_a_stream_migrated_inside_the_closing_tag_is_split_as_one_stream(tiny_ll
                      FrontendConfig(reasoning_parser="deepseek_r1"), transport=httpx.MockTransport(worker))
     with TestClient(app) as http:
         deadline = time.monotonic() + 60
-        while http.get("/health").status_code != 200 or len(http.get("/cluster").json()["workers"]) < 2:
-            assert time.monotonic() < deadline
+        while [w["state"] for w in http.get("/cluster").json()["workers"]] != ["ready"] * 2:
+            assert time.monotonic() < deadline, http.get("/cluster").json()
             time.sleep(0.05)
         client = _sdk(http)
         full = client.chat.completions.create(model=MODEL, messages=CHAT)
         deltas, usage = _stream(client)
-    assert (full.choices[0].message.reasoning_content, full.choices[0].message.content) == (reasoning, content)
+    message = full.choices[0].message
+    assert (message.reasoning_content, message.content) == (reasoning, content)
     assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == reasoning
     assert "".join(d.content or "" for d in deltas) == content
     assert usage.completion_tokens == len(tokens) and usage.model_dump() == full.usage.model_dump()
