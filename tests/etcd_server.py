@@ -1,4 +1,5 @@
-"""A real etcd server for tests: one member on 127.0.0.1 free ports, data in a temp dir.
+"""A real etcd server for tests: one member on 127.0.0.1 free ports, data in a temp dir;
+with `tls` (tls_certs.py) clients must speak TLS and present a certificate of that CA.
 
 The Makefile installs etcd before `make test`, so a missing binary is a broken setup,
 not a reason to skip: EtcdServer raises with the command that fixes it.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -30,7 +32,8 @@ class EtcdServer:
 
     host = "127.0.0.1"
 
-    def __init__(self) -> None:
+    def __init__(self, tls=None) -> None:
+        self.tls = tls
         self.binary = shutil.which("etcd")
         if self.binary is None:
             raise RuntimeError(
@@ -87,12 +90,15 @@ class EtcdServer:
 
     def _launch(self) -> bool:
         self._log = Path(self._data_dir) / "etcd.log"
-        client_url = f"http://{self.host}:{self.port}"
+        client_url = f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
         peer_url = f"http://{self.host}:{self._peer_port}"
         cmd = [self.binary, "--name", "test", "--data-dir", str(Path(self._data_dir) / "data"),
                "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
                "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
                "--initial-cluster", f"test={peer_url}", "--log-level", "warn"]
+        if self.tls:
+            cmd += ["--cert-file", self.tls.server_cert, "--key-file", self.tls.server_key,
+                    "--trusted-ca-file", self.tls.ca, "--client-cert-auth"]
         with open(self._log, "ab") as log:
             # Own session: a Ctrl-C on the test run must not reach etcd before we stop it.
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -108,10 +114,13 @@ class EtcdServer:
         self._terminate()
         return False
 
-    @staticmethod
-    def _healthy(client_url: str) -> bool:
+    def _healthy(self, client_url: str) -> bool:
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=self.tls.ca)
+            context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
         try:
-            with urllib.request.urlopen(f"{client_url}/health", timeout=1) as r:
+            with urllib.request.urlopen(f"{client_url}/health", timeout=1, context=context) as r:
                 return b'"health":"true"' in r.read()
         except OSError:
             return False

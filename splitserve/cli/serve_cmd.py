@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from splitserve.cli.discovery_args import discovery_from_args
+from splitserve.cli.discovery_args import discovery_from_args, etcd_argv
 from splitserve.cli.engine_args import (engine_argv, engine_config_from_args, transfer_argv,
                                         worker_config_from_args)
 from splitserve.cli.frontend_args import api_key_from_env, frontend_argv, frontend_config_from_args
@@ -83,7 +83,7 @@ def _check_discovery(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def _discovery_argv(url: str, args: argparse.Namespace) -> list[str]:
     return ["--discovery", url, "--namespace", args.namespace,
-            "--discovery-ttl", str(args.discovery_ttl)]
+            "--discovery-ttl", str(args.discovery_ttl), *etcd_argv(args)]
 
 
 def _worker_argv(role: str, port_file: Path, args: argparse.Namespace, config: EngineConfig,

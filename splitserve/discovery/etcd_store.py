@@ -13,16 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-import aetcd
 import aetcd.exceptions
 import aetcd.rtypes
 import msgspec
 
 from splitserve.discovery.base import (Discovery, DiscoveryError, diff_snapshots,
                                        sleep_unless_closed, stop_and_withdraw)
+from splitserve.discovery.etcd_client import EtcdAuth, EtcdClient
 from splitserve.discovery.record import WatchEvent, WorkerRecord, decode_record, encode_record
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ _CHANNEL_OPTIONS = {"grpc.initial_reconnect_backoff_ms": 200, "grpc.min_reconnec
 class EtcdDiscoveryConfig:
     """ttl_s is whole seconds (etcd leases are); keepalive_s=None means ttl_s / 3, so two
     keep-alives may be lost before the worker disappears. rpc_timeout_s bounds each call,
-    so an unreachable etcd fails an operation instead of hanging it."""
+    so an unreachable etcd fails an operation instead of hanging it. auth: TLS and
+    user/password (etcd_client.py); the default is plaintext without authentication."""
 
     host: str
     port: int = 2379
@@ -48,6 +49,7 @@ class EtcdDiscoveryConfig:
     ttl_s: int = 10
     keepalive_s: float | None = None
     rpc_timeout_s: float = 5.0
+    auth: EtcdAuth = field(default_factory=EtcdAuth)
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -75,8 +77,8 @@ class EtcdDiscovery(Discovery):
     def __init__(self, config: EtcdDiscoveryConfig) -> None:
         self.config = config
         # aetcd connects lazily on the first call, so constructing this touches no network.
-        self._client = aetcd.Client(config.host, config.port, timeout=config.rpc_timeout_s,
-                                    options=_CHANNEL_OPTIONS)
+        self._client = EtcdClient(config.host, config.port, config.auth, config.rpc_timeout_s,
+                                  _CHANNEL_OPTIONS)
         self._own: dict[str, WorkerRecord] = {}
         self._leases: dict[str, int] = {}
         # Serialises changes to this instance's registrations: a keep-alive that finds its

@@ -13,6 +13,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from splitserve.discovery.base import Discovery, DiscoveryError
+from splitserve.discovery.etcd_client import EtcdAuth
 from splitserve.discovery.etcd_store import EtcdDiscovery, EtcdDiscoveryConfig
 from splitserve.discovery.file_store import FileDiscovery, FileDiscoveryConfig
 from splitserve.discovery.static import StaticDiscovery, StaticDiscoveryConfig
@@ -20,10 +21,11 @@ from splitserve.discovery.static import StaticDiscovery, StaticDiscoveryConfig
 DISCOVERY_FORMS = "file:DIR, etcd://HOST:PORT or static:URL[,URL...]"
 
 
-def parse_discovery(url: str, *, namespace: str = "default",
-                    ttl_s: int | None = None) -> Discovery:
+def parse_discovery(url: str, *, namespace: str = "default", ttl_s: int | None = None,
+                    etcd_auth: EtcdAuth | None = None) -> Discovery:
     """namespace applies to etcd (the key prefix); ttl_s (None: the backend's default)
-    applies to file and etcd — how long a dead worker stays listed."""
+    applies to file and etcd — how long a dead worker stays listed; etcd_auth: how to
+    reach etcd (TLS, user/password; None: plaintext, no authentication)."""
     scheme, sep, rest = url.partition(":")
     if not sep:
         raise DiscoveryError(f"discovery URL {url!r} has no scheme; expected {DISCOVERY_FORMS}")
@@ -34,14 +36,14 @@ def parse_discovery(url: str, *, namespace: str = "default",
                                  "e.g. file:/tmp/splitserve-workers)")
         return FileDiscovery(FileDiscoveryConfig(directory=rest, **ttl))
     if scheme == "etcd":
-        return EtcdDiscovery(_etcd_config(url, namespace, ttl))
+        return EtcdDiscovery(_etcd_config(url, namespace, ttl, etcd_auth or EtcdAuth()))
     if scheme == "static":
         entries = tuple(e.strip() for e in rest.split(",") if e.strip())
         return StaticDiscovery(StaticDiscoveryConfig(entries=entries))
     raise DiscoveryError(f"unknown discovery scheme {scheme!r} in {url!r}; expected {DISCOVERY_FORMS}")
 
 
-def _etcd_config(url: str, namespace: str, ttl: dict) -> EtcdDiscoveryConfig:
+def _etcd_config(url: str, namespace: str, ttl: dict, auth: EtcdAuth) -> EtcdDiscoveryConfig:
     parts = urlsplit(url)
     try:
         port = parts.port or 2379
@@ -49,4 +51,4 @@ def _etcd_config(url: str, namespace: str, ttl: dict) -> EtcdDiscoveryConfig:
         raise DiscoveryError(f"discovery URL {url!r}: {e}") from None
     if not parts.hostname or parts.path not in ("", "/") or parts.query:
         raise DiscoveryError(f"discovery URL {url!r}: expected etcd://HOST:PORT")
-    return EtcdDiscoveryConfig(host=parts.hostname, port=port, namespace=namespace, **ttl)
+    return EtcdDiscoveryConfig(host=parts.hostname, port=port, namespace=namespace, auth=auth, **ttl)

@@ -1,0 +1,129 @@
+"""etcd discovery behind etcd's own protections, against a real etcd: user/password
+authentication (a wrong or missing password is a clear error; the keep-alive and watch
+survive an etcd restart, which forgets every token) and TLS with client certificates."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import aetcd
+import pytest
+from aetcd import rpc
+
+from etcd_server import EtcdServer
+from splitserve.cli.discovery_args import PASSWORD_ENV, discovery_from_args
+from splitserve.cli.main import build_parser
+from splitserve.discovery import DiscoveryError, EtcdDiscovery, EtcdDiscoveryConfig
+from splitserve.discovery.etcd_client import EtcdAuth
+from test_discovery_backends import MARGIN_S, Watcher, listed_ids, record
+from tls_certs import make_tls_files
+
+TTL_S = 2
+PASSWORD = "etcd-test-password"
+
+
+async def _enable_auth(etcd: EtcdServer) -> None:
+    """As an operator would: a root user with the root role, then authentication on."""
+    async with aetcd.Client(etcd.host, etcd.port) as raw:
+        auth = rpc.AuthStub(raw.channel)
+        await auth.RoleAdd(rpc.AuthRoleAddRequest(name="root"))
+        await auth.UserAdd(rpc.AuthUserAddRequest(name="root", password=PASSWORD))
+        await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"))
+        await auth.AuthEnable(rpc.AuthEnableRequest())
+
+
+@pytest.fixture(scope="module")
+def etcd_with_auth():
+    with EtcdServer() as server:
+        asyncio.run(_enable_auth(server))
+        yield server
+
+
+def _config(etcd: EtcdServer, auth: EtcdAuth) -> EtcdDiscoveryConfig:
+    return EtcdDiscoveryConfig(host=etcd.host, port=etcd.port, ttl_s=TTL_S, auth=auth,
+                               namespace=f"test-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.mark.parametrize("auth, message", [
+    (EtcdAuth(), "user name is empty"),
+    (EtcdAuth(user="root", password="wrong"), "authentication failed"),
+])
+def test_without_the_right_password_registration_fails_saying_why(etcd_with_auth, auth, message):
+    async def main():
+        async with EtcdDiscovery(_config(etcd_with_auth, auth)) as worker:
+            with pytest.raises(DiscoveryError, match=message):
+                await worker.register(record("p0"))
+
+    asyncio.run(main())
+
+
+def test_with_the_password_workers_register_and_survive_an_etcd_restart(etcd_with_auth):
+    config = _config(etcd_with_auth, EtcdAuth(user="root", password=PASSWORD))
+
+    async def main():
+        async with EtcdDiscovery(config) as worker, EtcdDiscovery(config) as frontend:
+            watcher = Watcher(frontend)
+            await worker.register(record("d0"))
+            await watcher.wait_for("put", "d0", timeout=5)
+            # A restarted etcd knows none of the tokens it handed out: each client
+            # authenticates again on its next call.
+            await asyncio.to_thread(etcd_with_auth.restart)
+            restarted = time.monotonic()
+            async with EtcdDiscovery(config) as other:
+                await other.register(record("d1"))
+                await watcher.wait_for("put", "d1", after=restarted, timeout=10)
+            # d0's keep-alive authenticated again: it outlives its TTL after the restart.
+            await asyncio.sleep(TTL_S + MARGIN_S)
+            assert await listed_ids(frontend) == ["d0"]
+            assert not any(e.kind == "delete" and e.worker_id == "d0" for _, e in watcher.events)
+
+    asyncio.run(main())
+
+
+def test_tls_with_client_certificates(tmp_path):
+    tls = make_tls_files(tmp_path)
+    with EtcdServer(tls=tls) as etcd:
+        good = _config(etcd, EtcdAuth(cacert=tls.ca, cert=tls.client_cert, key=tls.client_key))
+
+        async def main():
+            async with EtcdDiscovery(good) as worker, EtcdDiscovery(good) as frontend:
+                await worker.register(record("p0"))
+                assert await listed_ids(frontend) == ["p0"]
+            # etcd asks for a client certificate; and plaintext is no TLS at all.
+            for auth in (EtcdAuth(cacert=tls.ca), EtcdAuth()):
+                config = EtcdDiscoveryConfig(host=etcd.host, port=etcd.port, auth=auth,
+                                             namespace=good.namespace, rpc_timeout_s=2.0)
+                async with EtcdDiscovery(config) as stranger:
+                    with pytest.raises(DiscoveryError):
+                        await stranger.register(record("p1"))
+
+        asyncio.run(main())
+
+
+def _discovery(argv: list[str]):
+    parser = build_parser()
+    args = parser.parse_args(["worker", *argv])
+    return discovery_from_args(args.parser, args)
+
+
+def test_etcd_flags_are_checked_at_start_up(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not checked until connecting")
+    for argv, message in [
+        (["--discovery", "etcd://10.0.0.2:2379", "--etcd-user", "root"], f"needs its password in ${PASSWORD_ENV}"),
+        (["--discovery", "etcd://10.0.0.2:2379", "--etcd-cert", str(ca)], "--etcd-cert and --etcd-key go together"),
+        (["--discovery", "etcd://10.0.0.2:2379", "--etcd-cacert", str(tmp_path / "none")], "no such file"),
+        (["--discovery", f"file:{tmp_path}", "--etcd-cacert", str(ca)], "apply to etcd discovery"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            _discovery(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    # The password comes from the environment only.
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    discovery = _discovery(["--discovery", "etcd://10.0.0.2:2379", "--etcd-user", "root",
+                            "--etcd-cacert", str(ca)])
+    assert discovery.config.auth == EtcdAuth(cacert=str(ca), user="root", password=PASSWORD)
+    assert PASSWORD not in repr(discovery.config)
