@@ -252,7 +252,8 @@ def test_a_stream_migrated_inside_the_closing_tag_is_split_as_one_stream(tiny_ll
                      FrontendConfig(reasoning_parser="deepseek_r1"), transport=httpx.MockTransport(worker))
     with TestClient(app) as http:
         deadline = time.monotonic() + 60
-        while [w["state"] for w in http.get("/cluster").json()["workers"]] != ["ready"] * 2:
+        while (http.get("/health").status_code != 200       # the tokenizer loaded too
+               or [w["state"] for w in http.get("/cluster").json()["workers"]] != ["ready"] * 2):
             assert time.monotonic() < deadline, http.get("/cluster").json()
             time.sleep(0.05)
         client = _sdk(http)
