@@ -195,7 +195,10 @@ class _Fetch:
         ch.send(proto.Ack(self.rid, self.upto, self.unacked))
         self.unacked = 0
 
-    def _handshake(self, ch: proto.Channel):
+    def hello(self, ch: proto.Channel) -> tuple[proto.HelloOk, list[str]]:
+        """HELLO .. HELLO_OK: both sides authenticated, fingerprints equal. Raises _Fatal
+        (AUTH_FAILED, MISMATCH, or P's refusal). Also the whole of doctor's session probe
+        (splitserve/transfer/probe.py), which stops here."""
         cfg = self.cfg
         nonce = os.urandom(16)
         offers = {"auto": ["shm", "tcp"], "tcp": ["tcp"], "shm": ["shm"]}[cfg.transport]
@@ -217,6 +220,11 @@ class _Fetch:
             raise _Fatal(Outcome.MISMATCH, f"KV fingerprint mismatch: decode has {self.fp}, "
                          f"prefill has {msg.fingerprint} "
                          f"({describe_mismatch(self.fp, msg.fingerprint)})")
+        return msg, offers
+
+    def _handshake(self, ch: proto.Channel):
+        cfg = self.cfg
+        msg, offers = self.hello(ch)
         if msg.transport == "shm" and "shm" in offers:
             transport = ShmReceiver(self.blocks, cfg.chunk_bytes, msg.shm_path, msg.shm_bytes)
         elif msg.transport == "tcp" and "tcp" in offers:

@@ -10,6 +10,7 @@ import enum
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 from splitserve.config import ConfigError
 
@@ -120,6 +121,14 @@ class TransferStats:
         self.auth_failures = 0                          # P: sessions refused for a bad proof
         self.seconds_sum = 0.0
         self.blocks_pinned = 0                          # P: blocks held for peers right now
+        # (kind, request_id, reason, detail, peer) for each incident worth naming by
+        # request: the worker keeps a bounded record (splitserve/worker/incidents.py).
+        self.on_incident: Callable[[str, str, str, str, str], None] | None = None
+
+    def incident(self, kind: str, request_id: str, reason: str, detail: str = "",
+                 peer: str = "") -> None:
+        if self.on_incident is not None:
+            self.on_incident(kind, request_id, reason, detail, peer)
 
     def record_fetch(self, r: FetchResult) -> None:
         with self._lock:

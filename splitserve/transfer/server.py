@@ -148,6 +148,9 @@ class KVTransferServer:
                         "sent", job.rid, why, state, sent)
         elif expired:
             self.stats.add("lease_expired")
+            self.stats.incident("lease_expired", job.rid, why,
+                                f"no ACK/HEARTBEAT for {idle:.1f}s (lease {job.lease:.1f}s); "
+                                f"decode verified {acked}/{job.request.num_blocks} blocks")
             log.warning("request %s: releasing %d pinned KV blocks: lease expired (%s, no "
                         "ACK/HEARTBEAT for %.1fs, lease %.1fs); %d bytes sent, decode "
                         "verified %d/%d blocks", job.rid, pinned, why, idle, job.lease, sent,

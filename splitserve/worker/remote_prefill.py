@@ -101,6 +101,7 @@ class RemotePrefill:
             self.engine.abort(request_id)
             raise
         self._observe_seconds(result.seconds)
+        self._record_incidents(request_id, target.worker_id, result)
         if result.outcome is Outcome.CANCELLED:    # only close() cancels a live caller's fetch
             self.engine.abort(request_id)
             raise EngineDeadError(f"KV fetch cancelled: {result.reason}")
@@ -108,6 +109,17 @@ class RemotePrefill:
             return await self.engine.open_stream(
                 request_id, lambda e: e.commit_reserved(request_id, len(prompt), result.first_token))
         return await self._fallback(request_id, prompt, result)
+
+    def _record_incidents(self, request_id: str, prefill_worker: str, r: FetchResult) -> None:
+        if r.resumes:
+            self.stats.incident("resume", request_id, "connection broke", f"{r.resumes} "
+                                f"resume(s), {r.blocks_verified} blocks verified", prefill_worker)
+        if r.checksum_failures:
+            self.stats.incident("checksum", request_id, "blocks re-sent", f"{r.checksum_failures} "
+                                f"checksum failure(s)", prefill_worker)
+        if r.fallback:
+            self.stats.incident("fallback", request_id, r.outcome.value,
+                                f"{r.reason}; policy {self.config.kv_fallback}", prefill_worker)
 
     async def _fallback(self, request_id: str, prompt: list[int], result: FetchResult):
         bs = self.engine.engine.config.block_size
