@@ -74,6 +74,16 @@ def test_bfloat16_matches_reference_within_bf16_rounding(hq, hkv):
                                atol=BF16_TOL, rtol=BF16_TOL)
 
 
+def test_a_large_ragged_batch_split_among_threads_matches_reference():
+    # Enough tokens that the call is split among threads by cost; lengths ragged so the
+    # chunk bounds fall inside and between sequences.
+    lens = torch.randint(1, 700, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    kv, tables, lens, q = _batch(9, 3, torch.float32, lens=lens, layers=2)
+    out = paged_decode_attention(q, kv[:, 1, 0], kv[:, 1, 1], tables, lens)
+    torch.testing.assert_close(out, _reference(q, kv[:, 1, 0], kv[:, 1, 1], tables, lens, D ** -0.5),
+                               atol=1e-5, rtol=1e-5)
+
+
 # 64 and 128 have compiled-in row loops; other head dims take the runtime loop, 72 with a
 # partial last vector. Block sizes other than the default 16 as the engine may be configured.
 @pytest.mark.parametrize("head_dim,block_size", [(128, 16), (80, 16), (72, 8), (32, 32), (64, 1)])

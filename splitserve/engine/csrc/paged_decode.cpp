@@ -28,6 +28,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kSerialTokens = 4096;  // (sequence, kv head) rows below which one thread runs the call
 
 // count (<= kLanes) values at p, widened to float; lanes beyond count are zero.
 template <typename T>
@@ -201,7 +202,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   p.vs0 = v_cache.stride(0), p.vs1 = v_cache.stride(1), p.vs2 = v_cache.stride(2);
   p.scale = static_cast<float>(scale);
 
-  at::parallel_for(0, q.size(0) * p.Hkv, 1, [&p](int64_t begin, int64_t end) {
+  auto run_items = [&p](int64_t begin, int64_t end) {
     std::vector<float> qf(p.G * p.Dp), acc(p.G * p.Dp), scores(p.G * p.block_size), m(p.G), l(p.G);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / p.Hkv, kh = item % p.Hkv;
@@ -213,6 +214,29 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         attend<0>(p, b, kh, qf.data(), acc.data(), scores.data(), m.data(), l.data());
       }
     }
+  };
+
+  // Items are split among threads by cost (tokens attended), not by count: decode lengths
+  // are ragged. Below kSerialTokens the work is a few tens of microseconds, less than
+  // waking the thread pool (or waiting for a descheduled worker on a busy machine).
+  const int64_t B = q.size(0), n_items = B * p.Hkv;
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += p.lens[b] * p.Hkv;
+  const int64_t threads = total < kSerialTokens ? 1 : std::min<int64_t>(at::get_num_threads(), n_items);
+  if (threads <= 1) {
+    run_items(0, n_items);
+    return;
+  }
+  // bounds[c]: the first item of chunk c; chunk c holds about total / threads tokens.
+  std::vector<int64_t> bounds(threads + 1, n_items);
+  bounds[0] = 0;
+  int64_t seen = 0, chunk = 1;
+  for (int64_t item = 0; item < n_items && chunk < threads; ++item) {
+    while (chunk < threads && seen >= chunk * total / threads) bounds[chunk++] = item;
+    seen += p.lens[item / p.Hkv];
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) run_items(bounds[c], bounds[c + 1]);
   });
 }
 
