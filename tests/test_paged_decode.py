@@ -25,9 +25,10 @@ def _reference(q, k_cache, v_cache, tables, lens, scale):
     bs = k_cache.shape[1]
     out = []
     for b, n in enumerate(lens.tolist()):
-        rows = [(int(tables[b, t // bs]), t % bs) for t in range(n)]
-        k = torch.stack([k_cache[blk, off] for blk, off in rows]).float()   # [n, Hkv, D]
-        v = torch.stack([v_cache[blk, off] for blk, off in rows]).float()
+        t = torch.arange(n)
+        blocks, offsets = tables[b, t // bs].long(), t % bs       # token t's block and slot in it
+        k = k_cache[blocks, offsets].float()                      # [n, Hkv, D]
+        v = v_cache[blocks, offsets].float()
         o = F.scaled_dot_product_attention(q[b].float()[:, None, :], k.transpose(0, 1), v.transpose(0, 1),
                                            scale=scale, enable_gqa=True)
         out.append(o[:, 0, :])
