@@ -101,6 +101,9 @@ class CausalLM(nn.Module):
         # the loader's meta -> device materialization.
         self.lm_head = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        # Tied checkpoints on CPU in bfloat16: a prepacked copy of the embedding matrix for
+        # the vocabulary projection (see model.cpu_linear); set by the loader.
+        self.tied_head: nn.Module | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionFn) -> torch.Tensor:
@@ -115,5 +118,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden_size] -> float32 [N, vocab_size]. Call it on the rows that sample
         only: the vocabulary projection is the largest matmul of a decode step."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        head = self.lm_head if self.lm_head is not None else self.tied_head
+        if head is not None:
+            return head(hidden).float()
+        return F.linear(hidden, self.embed_tokens.weight).float()

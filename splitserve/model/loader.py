@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from splitserve.model.config import DTYPES, ModelArchConfig, ModelLoadError
+from splitserve.model.cpu_linear import pack_linears, packed_logits_head, packing_supported
 from splitserve.model.llama import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,13 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> Ca
     model.to(getattr(torch, dtype_name)).to_empty(device=device)
     _load_weights(model, files)
     model.requires_grad_(False).eval()
-    logger.info("loaded %s (%s, %s, %d file(s)) in %.1fs", path, config.architecture,
-                dtype_name, len(files), time.monotonic() - start)
+    packed = ""
+    if packing_supported(getattr(torch, dtype_name), torch.device(device)):
+        packed = f", {pack_linears(model)} linear layers oneDNN-packed"
+        if model.lm_head is None:
+            model.tied_head = packed_logits_head(model.embed_tokens.weight)
+    logger.info("loaded %s (%s, %s, %d file(s)%s) in %.1fs", path, config.architecture,
+                dtype_name, len(files), packed, time.monotonic() - start)
     return model
 
 
