@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(worker)
     worker.set_defaults(module="splitserve.cli.worker_cmd", parser=worker)
 
-    doctor = sub.add_parser("doctor", help="name what is wrong, from log files (`doctor logs`)")
+    doctor = sub.add_parser("doctor", help="name what is wrong in a running deployment, or in "
+                                           "log files (`doctor logs`)")
     add_doctor_arguments(doctor)
     doctor.set_defaults(module="splitserve.cli.doctor_cmd", parser=doctor)
 

@@ -1,0 +1,124 @@
+"""The worker routes `splitserve doctor` asks (behind the worker API's secret, like every
+route but the probes and metrics).
+
+GET /incidents: this worker's recent transfer incidents (incidents.py) — fallbacks by
+reason, resumes and checksum re-sends on a decode worker, lease expiries on a prefill
+worker — each with its request id, peer and time.
+
+POST /doctor/kv_session (decode and both roles), body a PrefillTarget: this worker opens
+a KV session to that prefill worker — handshake only (transfer/probe.py) — and answers
+what happened: ok, unreachable, auth_failed (secrets differ), mismatch (fingerprints or
+versions differ). The target must be a prefill worker this worker knows (discovery or
+--kv-peers), exactly as for /generate, so the route dials nothing a stranger names.
+
+Bandwidth (transfer/bandwidth.py): POST /doctor/kv_probe_server on a prefill worker opens
+a short-lived KV server over scratch blocks shaped like its own (DELETE
+/doctor/kv_probe_server/{port} closes it; it closes itself after a while anyway); POST
+/doctor/kv_bandwidth on a decode worker fetches from it and answers the measured rate
+with its own --kv-stall-timeout. The probe server's host is the prefill worker's known
+KV host: only the port comes from the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from splitserve.transfer.bandwidth import ProbeServer, measure
+from splitserve.transfer.probe import probe_session
+from splitserve.worker import protocol as p
+from splitserve.worker.async_engine import AsyncEngine
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.incidents import IncidentLog
+from splitserve.worker.prefill_peers import PrefillPeers, UnknownPrefillWorker
+
+
+def add_doctor_routes(app: FastAPI, worker_id: str, config: WorkerConfig, incidents: IncidentLog,
+                      engine: AsyncEngine, peers: PrefillPeers) -> None:
+    @app.get("/incidents")
+    async def get_incidents() -> JSONResponse:
+        return JSONResponse({"worker_id": worker_id, "role": config.role, **incidents.snapshot()})
+
+    if config.role == "prefill":
+        _add_probe_server_routes(app, config, engine)
+        return
+
+    @app.post("/doctor/kv_session")
+    async def kv_session(request: Request) -> JSONResponse:
+        try:
+            target = p.decode(await request.body(), p.PrefillTarget)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            return JSONResponse({"message": f"invalid prefill target: {e}"}, status_code=400)
+        eng = engine.engine
+        if eng is None:
+            return JSONResponse({"message": "the model is not loaded yet"}, status_code=503)
+        try:
+            addr = await peers.resolve("doctor-session-probe", target)
+        except UnknownPrefillWorker as e:
+            return JSONResponse({"message": str(e), "code": "unknown_prefill_worker"},
+                                status_code=400)
+        probe = await asyncio.to_thread(probe_session, addr, eng.runner.kv, config.transfer,
+                                        eng.fingerprint())
+        return JSONResponse({"decode_worker": worker_id, "prefill_worker": target.worker_id,
+                             "kv_address": f"{addr[0]}:{addr[1]}", **probe.to_json()})
+
+    @app.post("/doctor/kv_bandwidth")
+    async def kv_bandwidth(request: Request) -> JSONResponse:
+        try:
+            body = msgspec.json.decode(await request.body(), type=_BandwidthRequest)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            return JSONResponse({"message": f"invalid bandwidth request: {e}"}, status_code=400)
+        try:
+            host, _ = await peers.resolve("doctor-bandwidth-probe", body.target)
+        except UnknownPrefillWorker as e:
+            return JSONResponse({"message": str(e), "code": "unknown_prefill_worker"},
+                                status_code=400)
+        result = await asyncio.to_thread(measure, (host, body.probe_port), body.block_shape,
+                                         body.dtype, config.transfer, body.bytes,
+                                         f"doctor-bandwidth-{worker_id}")
+        return JSONResponse({**result, "stall_timeout": config.transfer.stall_timeout})
+
+
+class _BandwidthRequest(msgspec.Struct, forbid_unknown_fields=True):
+    target: p.PrefillTarget
+    probe_port: int
+    block_shape: list[int]
+    dtype: str
+    bytes: int
+
+    def __post_init__(self):
+        if not 0 < self.probe_port < 65536 or self.bytes <= 0 or self.dtype not in _DTYPES:
+            raise ValueError("probe_port in 1..65535, bytes > 0, dtype one of " + str(_DTYPES))
+        if not self.block_shape or not all(0 < d <= 1 << 16 for d in self.block_shape):
+            raise ValueError("block_shape must be positive dimensions")
+
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _add_probe_server_routes(app: FastAPI, config: WorkerConfig, engine: AsyncEngine) -> None:
+    servers: dict[int, ProbeServer] = {}
+
+    @app.post("/doctor/kv_probe_server")
+    async def open_probe_server() -> JSONResponse:
+        eng = engine.engine
+        if eng is None:
+            return JSONResponse({"message": "the model is not loaded yet"}, status_code=503)
+        kv = eng.runner.kv
+        shape, dtype = list(kv.shape[1:]), str(kv.dtype).removeprefix("torch.")
+        server = await asyncio.to_thread(ProbeServer, shape, dtype, config.transfer, config.host)
+        servers[server.port] = server
+        return JSONResponse({"probe_port": server.port, "block_shape": shape, "dtype": dtype,
+                             "block_size": eng.config.block_size,
+                             "max_model_len": eng.max_model_len,
+                             "lease": config.transfer.lease})
+
+    @app.delete("/doctor/kv_probe_server/{port}")
+    async def close_probe_server(port: int) -> JSONResponse:
+        server = servers.pop(port, None)
+        if server is not None:
+            await asyncio.to_thread(server.close)
+        return JSONResponse({"closed": server is not None})
