@@ -12,7 +12,6 @@ base deployment is all ✔ before and after every test.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -23,9 +22,9 @@ import pytest
 from golden import random_prompt
 from procs import spawn
 from splitserve.cli.main import main
+from splitserve.worker import protocol as p
 from splitserve.worker.auth import bearer
 from workers import WorkerProc, generate
-from splitserve.worker import protocol as p
 
 SECRET = "doctor-test-secret"
 MAX_LEN = "512"

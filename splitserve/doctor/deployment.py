@@ -16,6 +16,7 @@ import asyncio
 import ipaddress
 import socket
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from urllib.parse import urlsplit
 
 import httpx
@@ -186,7 +187,6 @@ def check_incidents(w: Worker, secret: str | None) -> Check:
     recent = snap["recent"]
     if not recent:
         return Check("incidents", f"{title}: none", "ok", w.subject, data={"incidents": snap})
-    from datetime import datetime, timezone
     lines = [", ".join(f"{k}: {v}" for k, v in sorted(snap["counts"].items()) if ":" in k)]
     for i in recent[-_SHOWN_INCIDENTS:]:
         at = datetime.fromtimestamp(i["time"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -202,7 +202,7 @@ def check_prompt(tokens: int, limit: int, how: str) -> Check:
     title = f"prompt of {tokens} tokens ({how}) within the context limit of {limit}"
     if tokens < limit:
         return Check("context", title, "ok")
-    return Check("context", f"prompt over the context limit", "fail",
+    return Check("context", "prompt over the context limit", "fail",
                  details=(f"{tokens} tokens ({how}) >= max_model_len {limit}: the frontend "
                           "refuses it (400)",), fix=FIX["context"])
 
