@@ -9,5 +9,6 @@ BENCHES = {
     "engine": "splitserve.bench.engine",
     "transfer": "splitserve.bench.transfer",
     "longctx": "splitserve.bench.longctx",
+    "serve": "splitserve.bench.serve",
     "attention": "splitserve.bench.attention",
 }
