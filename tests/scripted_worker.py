@@ -3,8 +3,8 @@ token ids, for tests of what the frontend makes of a token stream (reasoning spl
 /tokenize, the API key) when no tiny model can be made to write that stream.
 
 The worker is faked at the HTTP layer (httpx.MockTransport behind the frontend's worker
-client): the frontend polls its /health and /info, loads the tokenizer from the model
-directory /info names, and reads /generate's token chunks exactly as from a real one.
+client): the frontend polls its /health and /info, loads the tokenizer files it serves
+from the model directory (GET /tokenizer), and reads /generate's token chunks exactly as from a real one.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import msgspec
 from fastapi.testclient import TestClient
 
 from splitserve.discovery import StaticDiscovery, StaticDiscoveryConfig
 from splitserve.frontend.app import create_app
 from splitserve.frontend.config import FrontendConfig
 from splitserve.worker import protocol as p
+from splitserve.worker.tokenizer_files import read_tokenizer_files
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 512
@@ -45,6 +47,8 @@ class ScriptedWorker:
             return httpx.Response(200, content=p.encode(p.WorkerInfo(
                 role="both", model_name=MODEL, model_dir=str(self.model_dir),
                 max_model_len=MAX_MODEL_LEN, block_size=16, eos_token_ids=[2], worker_id="w0")))
+        if path == "/tokenizer":
+            return httpx.Response(200, content=msgspec.json.encode(read_tokenizer_files(self.model_dir)))
         if path == "/kv_events":
             async def idle():   # no cache events; the stream stays open as a worker's does
                 await asyncio.Event().wait()

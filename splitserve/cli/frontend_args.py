@@ -55,6 +55,9 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
                      default=frontend.reasoning_parser,
                      help="split chat output into reasoning_content (inside <think>...</think>) "
                           "and content, as vLLM's parser of that name (default: off)")
+    api.add_argument("--tokenizer", default=frontend.tokenizer, metavar="DIR",
+                     help="directory with the model's tokenizer and chat template (default: "
+                          "fetched from a ready worker, so this host needs no model files)")
 
 
 def frontend_config_from_args(parser: argparse.ArgumentParser,
@@ -68,7 +71,8 @@ def frontend_config_from_args(parser: argparse.ArgumentParser,
                               prefill_overflow=args.prefill_overflow,
                               max_prefill_wait_s=args.max_prefill_wait,
                               api_key=api_key_from_env(args.api_key),
-                              reasoning_parser=args.reasoning_parser)
+                              reasoning_parser=args.reasoning_parser,
+                              tokenizer=args.tokenizer)
     except ValueError as e:
         parser.error(str(e))
 
@@ -84,4 +88,5 @@ def frontend_argv(args: argparse.Namespace) -> list[str]:
             "--max-queued-requests", str(args.max_queued_requests),
             "--queue-timeout", repr(args.queue_timeout), "--prefill-overflow", args.prefill_overflow,
             *([] if args.max_prefill_wait is None else ["--max-prefill-wait", repr(args.max_prefill_wait)]),
-            *([] if args.reasoning_parser is None else ["--reasoning-parser", args.reasoning_parser])]
+            *([] if args.reasoning_parser is None else ["--reasoning-parser", args.reasoning_parser]),
+            *([] if args.tokenizer is None else ["--tokenizer", args.tokenizer])]

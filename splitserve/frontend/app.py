@@ -42,6 +42,7 @@ from splitserve.frontend.request_ids import RequestIdMiddleware
 from splitserve.frontend.responses import CHAT, COMPLETION, Shape, full_response, stream_events
 from splitserve.frontend.routing import LOCAL_PREFILL_REASONS, RoutePlanner, unavailable_reason
 from splitserve.frontend.tokenize_api import detokenize_route, tokenize_route
+from splitserve.frontend.tokenizer_source import TokenizerUnavailable, load_tokenizer
 from splitserve.frontend.worker_client import WorkerClient
 from splitserve.frontend.workers import WorkerStatus
 from splitserve.metrics import FrontendMetrics
@@ -87,12 +88,12 @@ class Frontend:
                                     on_settle=self.admission.notify)
         self.kv_feed = KVEventFeed(self.client.http, index)
         self.kv_feed.sync(self.client.workers())
+        # From --tokenizer or a worker: the model's files need not be on this host.
         try:
-            from transformers import AutoTokenizer  # slow import: keep /live fast at start-up
-            tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, info.model_dir)
-        except Exception as e:
-            logger.exception("cannot load the tokenizer from %s", info.model_dir)
-            self.tokenizer_error = f"cannot load the tokenizer from {info.model_dir}: {e}"
+            tok = await load_tokenizer(self.config.tokenizer, self.client, self.config.poll_interval_s)
+        except TokenizerUnavailable as e:
+            logger.error("%s", e)
+            self.tokenizer_error = str(e)
             return
         self.tokenizer, self.info = tok, info
         self.preprocessor = Preprocessor(tok, info.max_model_len)

@@ -35,7 +35,9 @@ class FrontendConfig:
 
     api_key: clients must send `Authorization: Bearer <api_key>` (auth.py); None: open.
     reasoning_parser: how chat output is split into reasoning_content and content
-    (reasoning.py); None: it is all content."""
+    (reasoning.py); None: it is all content.
+    tokenizer: a directory with the model's tokenizer files and chat template; None: they
+    come from a ready worker (tokenizer_source.py), so this host needs no model files."""
 
     router: RouterConfig = field(default_factory=RouterConfig)
     migration_limit: int = 3
@@ -49,6 +51,8 @@ class FrontendConfig:
     max_prefill_wait_s: float | None = None
     api_key: str | None = field(default=None, repr=False)
     reasoning_parser: str | None = None
+    # A local tokenizer directory; None: the workers hand theirs out (GET /tokenizer).
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         if self.migration_limit < 0:

@@ -31,12 +31,15 @@ from splitserve.worker import protocol as p
 from splitserve.worker.async_engine import AsyncEngine, EngineDeadError, EngineState, RequestFailed
 from splitserve.worker.auth import WorkerAuth
 from splitserve.worker.config import WorkerConfig
+from splitserve.worker.doctor_routes import add_doctor_routes
+from splitserve.worker.incidents import IncidentLog
 from splitserve.worker.kv_events import KVEventPublisher
 from splitserve.worker.kv_port import KVPort
 from splitserve.worker.prefill_peers import PrefillPeers, UnknownPrefillWorker
 from splitserve.worker.prefill_rate import PrefillRateMeter
 from splitserve.worker.registration import WorkerRegistration
 from splitserve.worker.remote_prefill import RemotePrefill, TransferFailed
+from splitserve.worker.tokenizer_files import TokenizerFiles
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +64,12 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
     the HTTP server calls it when a graceful shutdown starts (see HttpServer)."""
     role = config.role
     transfer_stats = TransferStats()
+    incidents = IncidentLog()
+    transfer_stats.on_incident = incidents.record
     metrics = WorkerMetrics(engine.stats, transfer_stats)
     registry = metrics.registry
     kv_port = KVPort(engine, config, transfer_stats) if role == "prefill" else None
+    tokenizer_files = TokenizerFiles(engine)
     peers = PrefillPeers(registration.discovery if registration is not None else None,
                          config.kv_peers)
     remote = RemotePrefill(engine, config, transfer_stats, metrics.kv_transfer_seconds.observe,
@@ -76,6 +82,7 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
         if publisher is not None:
             publisher.start()
         engine.start()
+        tokenizer_files.start_when_ready()
         if kv_port is not None:
             kv_port.start_when_ready()
         if registration is not None:
@@ -83,6 +90,7 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
         yield
         await begin_shutdown()
         remote.close()
+        tokenizer_files.close()
         if kv_port is not None:
             kv_port.close()
         engine.stop()
@@ -92,6 +100,8 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
             return _not_ready(engine)
         if kv_port is not None and kv_port.address is None:
             return _reply(503, p.WorkerHealth("loading", kv_port.status()))
+        if not tokenizer_files.ready:
+            return _reply(503, p.WorkerHealth("loading", "reading the tokenizer files"))
         return None
 
     async def begin_shutdown() -> None:
@@ -128,6 +138,7 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
     app.add_middleware(WorkerAuth, secret=config.transfer.secret,
                        on_refused=metrics.api_unauthorized.inc)
     app.state.begin_shutdown = begin_shutdown
+    add_doctor_routes(app, worker_id, config, incidents, engine, peers)
 
     @app.get("/live")
     async def live() -> Response:
@@ -148,6 +159,15 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
             max_model_len=e.max_model_len, block_size=e.config.block_size,
             eos_token_ids=list(e.eos_token_ids), worker_id=worker_id, kv_host=kv_host,
             kv_port=kv_port_number))
+
+    @app.get("/tokenizer")
+    async def tokenizer() -> Response:
+        # The model's tokenizer and chat template, for frontends without the model files.
+        if (refusal := not_serving()) is not None:
+            return refusal
+        if tokenizer_files.encoded is None:
+            return _reply(404, p.WorkerHealth("failed", tokenizer_files.error))
+        return Response(tokenizer_files.encoded, media_type="application/json")
 
     @app.get("/stats")
     async def stats() -> Response:
