@@ -26,7 +26,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
-_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 _lock = threading.Lock()
@@ -48,7 +48,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float | None = None) -> torch.Tensor:
     """softmax(q K^T * scale) V for one query token per sequence, over its paged KV.
 
-    q: [B, Hq, D] float32/bfloat16 (any strides). k_cache, v_cache: [num_blocks,
+    q: [B, Hq, D] float32/bfloat16/float16 (any strides). k_cache, v_cache: [num_blocks,
     block_size, Hkv, D], one dtype, unit stride on the last dim (e.g. kv[:, layer, 0] of
     the engine's pool), Hq % Hkv == 0. block_tables: [B, max_blocks] int32/int64; entries
     past a sequence's ceil(len / block_size) blocks are padding and never read.
@@ -103,7 +103,7 @@ def _check_metadata(q, k_cache, v_cache, block_tables, seq_lens) -> None:
         bad(f"k_cache and v_cache must both be [num_blocks, block_size, Hkv, D], got "
             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if q.dtype not in _DTYPES or k_cache.dtype not in _DTYPES or v_cache.dtype != k_cache.dtype:
-        bad(f"q and the caches must be float32 or bfloat16 (caches alike), got {q.dtype}, "
+        bad(f"q and the caches must be float32, bfloat16 or float16 (caches alike), got {q.dtype}, "
             f"{k_cache.dtype}, {v_cache.dtype}")
     b, hq, d = q.shape
     _, _, hkv, dk = k_cache.shape
