@@ -14,7 +14,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from splitserve.cli.main import main
+from splitserve.cli.discovery_args import discovery_from_args
+from splitserve.cli.engine_args import engine_config_from_args, worker_config_from_args
+from splitserve.cli.main import build_parser, main
 from splitserve.config import ConfigError
 from splitserve.deploy import DeploySpec, render_objects
 from splitserve.worker.config import SECRET_ENV
@@ -248,3 +250,19 @@ def test_extra_worker_flags_are_passed_to_every_worker():
     objects = render_objects(DeploySpec(image="i", worker_args=("--max-model-len", "8192")), SECRET)
     workers = [c for c in _containers(objects) if "worker" in _argv(c)]
     assert len(workers) == 2 and all(_flag(c, "--max-model-len") == "8192" for c in workers)
+
+
+def test_every_rendered_command_line_is_one_the_cli_accepts(tmp_path):
+    spec = DeploySpec(image="i", model_host_path="/data", model="/models/m", device="cuda",
+                      served_model_name="m", worker_args=("--max-model-len", "8192"))
+    parser = build_parser()
+    commands = [c for c in _containers(render_objects(spec, SECRET)) if c["name"] != "etcd"]
+    assert len(commands) == 3
+    for c in commands:
+        assert c["command"] == ["splitserve"]
+        args = parser.parse_args(c["args"])
+        # Each process validates its own flags the way it does at start-up.
+        if args.command == "worker":
+            worker_config_from_args(args.parser, args)
+            assert engine_config_from_args(args.parser, args).max_model_len == 8192
+        assert discovery_from_args(args.parser, args).config.namespace == "splitserve"
