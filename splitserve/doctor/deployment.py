@@ -128,10 +128,18 @@ def check_reachable(w: Worker, secret: str | None) -> tuple[Check, dict | None]:
         return Check("reachable", "worker reachable", "fail", w.subject,
                      (f"/health answered {health.status_code}: {health.text[:300]}",),
                      FIX["reachable"]), None
-    info = httpx.get(f"{w.api_url}/info", timeout=TIMEOUT_S, headers=bearer(secret))
+    try:
+        info = httpx.get(f"{w.api_url}/info", timeout=TIMEOUT_S, headers=bearer(secret))
+    except httpx.HTTPError as e:
+        return Check("reachable", "worker reachable", "fail", w.subject,
+                     (f"GET {w.api_url}/info: {e!r}",), FIX["reachable"]), None
     if info.status_code == 401:
         return Check("reachable", "worker reachable", "fail", w.subject,
                      ("the worker refuses doctor's secret (401)",), FIX["unauthorized"]), None
+    if info.status_code != 200:
+        return Check("reachable", "worker reachable", "fail", w.subject,
+                     (f"/info answered {info.status_code}: {info.text[:300]}",),
+                     FIX["reachable"]), None
     return Check("reachable", "worker reachable and ready", "ok", w.subject), info.json()
 
 
