@@ -6,7 +6,6 @@ deployment's secret is never on a command line."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jsonschema
@@ -252,7 +251,7 @@ def test_extra_worker_flags_are_passed_to_every_worker():
     assert len(workers) == 2 and all(_flag(c, "--max-model-len") == "8192" for c in workers)
 
 
-def test_every_rendered_command_line_is_one_the_cli_accepts(tmp_path):
+def test_every_rendered_command_line_is_one_the_cli_accepts():
     spec = DeploySpec(image="i", model_host_path="/data", model="/models/m", device="cuda",
                       served_model_name="m", worker_args=("--max-model-len", "8192"))
     parser = build_parser()
