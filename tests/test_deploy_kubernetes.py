@@ -265,3 +265,11 @@ def test_every_rendered_command_line_is_one_the_cli_accepts():
             worker_config_from_args(args.parser, args)
             assert engine_config_from_args(args.parser, args).max_model_len == 8192
         assert discovery_from_args(args.parser, args).config.namespace == "splitserve"
+
+
+def test_the_yaml_is_plain_no_anchors_or_aliases(capsys):
+    assert main(["deploy", "kubernetes", "--image", "i", "--engine", "vllm",
+                 "--tensor-parallel-size", "4", "--nodes-per-worker", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "&id" not in text and "*id" not in text
+    _validate(list(yaml.safe_load_all(text)))

@@ -20,8 +20,16 @@ def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
+class _Dumper(yaml.SafeDumper):
+    """Writes a dict that appears twice (shared labels) out in full both times: anchors
+    and aliases are valid YAML but confuse people and some tools reading manifests."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
 def to_yaml(obj: dict) -> str:
-    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=False)
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def file_name(index: int, obj: dict) -> str:
