@@ -2,9 +2,10 @@
 
 The batch is flattened: sequence i owns query rows [q_start_i, q_start_i + n_i) and sits
 at positions [start_i, start_i + n_i). Each layer first writes the new K/V into the
-sequence's blocks, then attends. Single-token (decode) sequences are attended together in
-one padded SDPA call; multi-token (prefill chunk) sequences one by one, with the causal
-mask aligned to the bottom-right so a chunk sees its whole cached prefix.
+sequence's blocks, then attends. Single-token (decode) sequences are attended together by
+the paged decode kernel, which reads their blocks in place (engine.paged_decode);
+multi-token (prefill chunk) sequences one by one, with the causal mask aligned to the
+bottom-right so a chunk sees its whole cached prefix.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+
+from splitserve.engine.paged_decode import paged_decode_attention
 
 
 @dataclass
@@ -48,9 +51,7 @@ class PagedAttention:
             tables[i, :len(s.block_ids)] = s.block_ids
         self.decode_rows = torch.tensor([s.q_start for s in decodes], device=device)
         self.decode_tables = tables
-        key_pos = torch.arange(max_nb * self.block_size, device=device)
-        # [B, 1, 1, S]: padded key slots (beyond each sequence's length) are masked out.
-        self.decode_mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]
+        self.decode_lens = lens
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache = self.kv[:, layer, 0]   # [num_blocks, block_size, H_kv, D] (strided view)
@@ -84,14 +85,8 @@ class PagedAttention:
                     qs, ks, vs, attn_mask=causal_lower_right(s.num_new, ctx), enable_gqa=True)
             out[rows] = o.squeeze(0).transpose(0, 1)
         if self.decode_rows is not None:
-            b, nb = self.decode_tables.shape
-            ks = k_cache[self.decode_tables].reshape(b, nb * self.block_size, *k_cache.shape[2:])
-            vs = v_cache[self.decode_tables].reshape(b, nb * self.block_size, *v_cache.shape[2:])
-            qd = q[self.decode_rows].unsqueeze(2)                       # [B, Hq, 1, D]
-            o = F.scaled_dot_product_attention(
-                qd, ks.transpose(1, 2).to(q.dtype), vs.transpose(1, 2).to(q.dtype),
-                attn_mask=self.decode_mask, enable_gqa=True)
-            out[self.decode_rows] = o.squeeze(2)
+            out[self.decode_rows] = paged_decode_attention(
+                q[self.decode_rows], k_cache, v_cache, self.decode_tables, self.decode_lens)
         return out
 
     def _gather(self, cache: torch.Tensor, block_ids: torch.Tensor, ctx: int) -> torch.Tensor:
