@@ -8,6 +8,7 @@ import enum
 
 import torch
 
+from splitserve.engine.sampler import position_generator
 from splitserve.engine.types import FinishReason, SamplingParams
 
 
@@ -43,9 +44,6 @@ class Request:
         if not params.ignore_eos:
             stop.update(eos_token_ids)
         self.stop_token_ids = frozenset(stop)
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator().manual_seed(params.seed)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -58,6 +56,17 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """For a seeded request, a fresh generator for the token sampled next (position
+        num_tokens in prompt + output); None uses the engine's shared one. NOTE: by
+        position, not by how many tokens this engine sampled: a decode worker resuming
+        after a prefill worker (or a migrated request re-sent as prompt + output so far)
+        draws exactly what one engine would have."""
+        if self.params.seed is None:
+            return None
+        return position_generator(self.params.seed, self.num_tokens)
 
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

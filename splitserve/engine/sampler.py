@@ -4,6 +4,11 @@ Greedy rows are resolved with one batched argmax. Random rows are sampled one by
 that a request with a seed consumes only its own generator: its output is reproducible
 whatever else shares the batch.
 
+A seeded request's generator is derived afresh for every token from (seed, position)
+(position_generator), never carried from one token to the next: the token at a position
+is the same whichever engine samples it — aggregated, the prefill worker for the first
+token and a decode worker for the rest, or a second decode worker after a migration.
+
 A row that cannot be sampled (non-finite logits, probabilities torch refuses, any error
 while sampling it) yields a SampleFailure for that row alone: one request's bad numbers
 must never stop the batch, or the engine.
@@ -14,6 +19,24 @@ from __future__ import annotations
 import torch
 
 from splitserve.engine.types import SamplingParams
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """A bijective 64-bit mixer: nearby inputs (seed, seed + 1; position, position + 1)
+    give unrelated outputs, so streams for neighbouring seeds or positions never overlap."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def position_generator(seed: int, position: int) -> torch.Generator:
+    """The generator for the token at `position` (its index in prompt + output) of a
+    request with `seed`: a pure function of the two, so any engine reproduces it."""
+    return torch.Generator().manual_seed(_splitmix64(_splitmix64(seed & _MASK64) ^ position))
 
 
 class SampleFailure(Exception):
