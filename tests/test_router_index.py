@@ -4,7 +4,7 @@ and undone, lost or repeated batches detected, predictions that expire."""
 import msgspec
 import pytest
 
-from splitserve.engine.block_hash import ROOT_HASH, hash_block
+from splitserve.kvtypes.block_hash import ROOT_HASH, hash_block
 from splitserve.router import (
     AllCleared, BlockRemoved, BlockStored, KVEventBatch, KVIndex, decode_batch, encode_batch)
 

@@ -3,13 +3,13 @@ prefix lookup can hit — under caching, duplicates, eviction, preemption and re
 
 import random
 
-from splitserve.engine.block_hash import extend_block_hashes
+from splitserve.kvtypes.block_hash import extend_block_hashes
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.request import Request
 from splitserve.engine.types import SamplingParams
-from splitserve.router.events import AllCleared, BlockRemoved, BlockStored
+from splitserve.kvtypes.events import AllCleared, BlockRemoved, BlockStored
 
 BS = 4
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from splitserve.router.events import AllCleared, BlockRemoved, BlockStored, KVEvent
+from splitserve.kvtypes.events import AllCleared, BlockRemoved, BlockStored, KVEvent
 
 
 class NoFreeBlocksError(RuntimeError):

@@ -7,7 +7,7 @@ while the request lives and all are released together.
 
 from __future__ import annotations
 
-from splitserve.engine.block_hash import extend_block_hashes
+from splitserve.kvtypes.block_hash import extend_block_hashes
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.request import Request
 

@@ -20,7 +20,7 @@ from splitserve.engine.types import EngineStats, FinishReason, KVProgress, Reque
 from splitserve.model.config import ModelArchConfig
 from splitserve.model.loader import load_model
 from splitserve.model.registry import DEFAULT_MODEL_NAME, resolve_model
-from splitserve.router.events import KVEvent
+from splitserve.kvtypes.events import KVEvent
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Picks workers for a request: round-robin, random, or kv (prefix overlap + load)."""
 
-from splitserve.router.events import (
+from splitserve.kvtypes.events import (
     AllCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch, decode_batch, encode_batch)
 from splitserve.router.factory import make_policy
 from splitserve.router.index import ApplyResult, KVIndex

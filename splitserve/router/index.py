@@ -18,8 +18,8 @@ import logging
 import time
 from typing import Callable, Iterable, Literal
 
-from splitserve.engine.block_hash import extend_block_hashes
-from splitserve.router.events import AllCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch
+from splitserve.kvtypes.block_hash import extend_block_hashes
+from splitserve.kvtypes.events import AllCleared, BlockRemoved, BlockStored, KVEvent, KVEventBatch
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Publishes the engine's KV cache events to routers (GET /kv_events, NDJSON).
 
-Each line is one `splitserve.router.events.KVEventBatch` (its JSON codec) carrying this
+Each line is one `splitserve.kvtypes.events.KVEventBatch` (its JSON codec) carrying this
 worker's id, its epoch (the process start time in ns) and a seq.
 
 NOTE: seq is the version of the prefix cache: live batch n moves it from version n-1 to
@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from splitserve.router.events import KVEvent, KVEventBatch, encode_batch
+from splitserve.kvtypes.events import KVEvent, KVEventBatch, encode_batch
 from splitserve.worker.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """KV cache events: what a worker tells routers about the blocks in its prefix cache.
 
-Blocks are named by the engine's chained block hashes (engine/block_hash.py): a hash
+Blocks are named by the engine's chained block hashes (kvtypes/block_hash.py): a hash
 covers its block's tokens and every token before it, so one hash names a whole prefix
 and is the same on every worker and in every router. Events cross a process boundary,
 so they are msgspec Structs with an explicit codec (a tagged union, JSON).
