@@ -7,6 +7,8 @@ from the pool and attended with plain SDPA (no mask, no padding).
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,3 +196,19 @@ def test_without_the_kernel_the_torch_path_gives_the_same_result_and_warns_once(
                                atol=1e-5, rtol=1e-5)
     with pytest.raises(PagedDecodeInputError):
         paged_decode_attention(*_bad_inputs()["block id past the pool"])
+
+
+@pytest.mark.slow  # compiles the kernel from scratch: 25-60 s
+def test_a_build_killed_mid_way_does_not_hang_the_next_build(tmp_path, monkeypatch):
+    # torch's lock file outlives a killed build, and torch's load() waits for it to go
+    # away before building: the next process would hang on its first decode step.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    build_dir, _ = pd._build_dir()
+    build_dir.mkdir(parents=True)
+    (build_dir / "lock").touch()
+    done = subprocess.run(
+        [sys.executable, "-c", "from splitserve.engine.paged_decode import kernel_available as k; "
+                               "raise SystemExit(0 if k() else 1)"],
+        timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (build_dir / "splitserve_paged_decode.so").exists()

@@ -13,6 +13,7 @@ WARNING.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -154,6 +155,21 @@ def _load():
 def _build():
     from torch.utils.cpp_extension import load
 
+    build_dir, cflags = _build_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "build.flock", "w") as f:
+        # One builder at a time across processes (two workers starting together). An flock
+        # dies with its process; torch's own lock file does not, and one left by a build
+        # that was killed would make load() wait forever: while we hold the flock, a torch
+        # lock file can only be such a leftover.
+        fcntl.flock(f, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)
+        return load(name="splitserve_paged_decode", sources=[str(_SOURCE)], extra_cflags=cflags,
+                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+
+
+def _build_dir() -> tuple[Path, list[str]]:
+    """Where this machine's build lives, and the compiler flags it is built with."""
     capability = torch.backends.cpu.get_cpu_capability()
     # at::vec picks its implementation from CPU_CAPABILITY; match what torch itself runs.
     flags = {"AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
@@ -161,10 +177,7 @@ def _build():
     cflags = ["-O3", "-march=native", "-fopenmp", *flags]
     key = hashlib.sha256("|".join([torch.__version__, capability, _cpu_signature(), *cflags]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    build_dir = cache / "splitserve" / "paged_decode" / key.hexdigest()[:16]
-    build_dir.mkdir(parents=True, exist_ok=True)
-    return load(name="splitserve_paged_decode", sources=[str(_SOURCE)], extra_cflags=cflags,
-                extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    return cache / "splitserve" / "paged_decode" / key.hexdigest()[:16], cflags
 
 
 def _cpu_signature() -> str:
