@@ -5,6 +5,7 @@ survive an etcd restart, which forgets every token) and TLS with client certific
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -127,3 +128,33 @@ def test_etcd_flags_are_checked_at_start_up(tmp_path, monkeypatch, capsys):
                             "--etcd-cacert", str(ca)])
     assert discovery.config.auth == EtcdAuth(cacert=str(ca), user="root", password=PASSWORD)
     assert PASSWORD not in repr(discovery.config)
+
+
+def test_doctor_reads_discovery_through_the_same_etcd_flags(etcd_with_auth, monkeypatch, capsys):
+    """`splitserve doctor --discovery etcd://…` takes the workers' own etcd flags: with the
+    user and $SPLITSERVE_ETCD_PASSWORD it lists the registered worker (and names it as
+    unreachable: nothing listens at its API); without them the listing is the ✘."""
+    from splitserve.cli.main import main
+
+    config = _config(etcd_with_auth, EtcdAuth(user="root", password=PASSWORD))
+    argv = ["doctor", "--discovery", etcd_with_auth.url, "--namespace", config.namespace,
+            "--bandwidth-mb", "0", "--json"]
+
+    async def run():
+        async with EtcdDiscovery(config) as worker:
+            await worker.register(record("d0"))
+            monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+            with_password = await asyncio.to_thread(main, [*argv, "--etcd-user", "root"])
+            report = json.loads(capsys.readouterr().out)
+            monkeypatch.delenv(PASSWORD_ENV)
+            without = await asyncio.to_thread(main, argv)
+            return with_password, report, without, json.loads(capsys.readouterr().out)
+
+    rc, report, rc_without, report_without = asyncio.run(run())
+    by = {c["id"]: c for c in report["checks"]}
+    assert rc == 1 and by["workers"]["status"] == "ok"
+    assert by["workers"]["title"] == f"workers listed by discovery {etcd_with_auth.url}: 1 decode"
+    assert by["reachable"]["subject"] == "decode worker d0 at http://127.0.0.1:9"
+    [listing] = report_without["checks"]
+    assert rc_without == 1 and listing["id"] == "workers" and listing["status"] == "fail"
+    assert "user name is empty" in listing["details"][0]

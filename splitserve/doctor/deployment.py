@@ -17,11 +17,15 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
 
 from splitserve.doctor.report import Check
+
+if TYPE_CHECKING:
+    from splitserve.discovery import Discovery
 
 TIMEOUT_S = 10.0
 # What a process advertises when it was not told its address: 127.0.0.1 / ::1, or the
@@ -81,11 +85,9 @@ def list_from_frontend(url: str, api_key: str | None) -> list[Worker]:
     return workers
 
 
-def list_from_discovery(url: str) -> list[Worker]:
-    from splitserve.discovery.factory import parse_discovery
-
+def list_from_discovery(discovery: Discovery) -> list[Worker]:
     async def records():
-        async with parse_discovery(url) as d:
+        async with discovery as d:
             return await d.list()
     return [Worker(r.worker_id, r.role, r.api_url, r.kv_host, r.kv_port)
             for r in asyncio.run(records())]
@@ -227,11 +229,14 @@ def count_prompt_file(frontend: str, api_key: str | None, path: str) -> tuple[in
     return body["count"], body["max_model_len"]
 
 
-def diagnose(frontend: str | None, discovery: str | None, secret: str | None,
+def diagnose(frontend: str | None, discovery: Discovery | None, secret: str | None,
              api_key: str | None, prompt_tokens: int | None = None,
-             prompt_file: str | None = None, bandwidth_bytes: int = 0) -> list[Check]:
-    """Every check against the deployment, in the order the module doc gives."""
-    source = f"frontend {frontend}" if frontend else f"discovery {discovery}"
+             prompt_file: str | None = None, bandwidth_bytes: int = 0,
+             discovery_url: str | None = None) -> list[Check]:
+    """Every check against the deployment, in the order the module doc gives. discovery:
+    the backend (as `discovery_from_args` builds it, etcd TLS and user included), used
+    when frontend is None; discovery_url names it in the report."""
+    source = f"frontend {frontend}" if frontend else f"discovery {discovery_url}"
     try:
         workers = (list_from_frontend(frontend, api_key) if frontend
                    else list_from_discovery(discovery))
