@@ -208,6 +208,43 @@ def test_an_external_etcd_replaces_the_statefulset():
         assert _flag(c, "--namespace") == "splitserve"
 
 
+def test_an_external_etcd_with_tls_and_a_password_gets_flags_mounts_and_env_from_secrets(capsys):
+    assert main(["deploy", "kubernetes", "--image", "i", "--etcd", "etcd://etcd.example:2379",
+                 "--etcd-tls-secret", "etcd-client-tls", "--etcd-client-cert",
+                 "--etcd-user", "splitserve", "--etcd-password-secret", "etcd-password",
+                 "--engine", "vllm", "--tensor-parallel-size", "2", "--nodes-per-worker", "2"]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    _validate(objects)
+    serving = [c for c in _containers(objects) if "--discovery" in _argv(c)]
+    assert sorted(c["name"] for c in serving) == ["decode", "frontend", "prefill"]
+    pods = {c["name"]: pod for obj in objects for pod in _pod_specs(obj)
+            for c in pod["containers"]}
+    parser = build_parser()
+    for c in serving:
+        # The flags name the files where the Secret is mounted, as the CLI reads them
+        # (known args only: --engine vllm belongs to the vLLM backend's own work).
+        args, _ = parser.parse_known_args(_argv(c)[_argv(c).index("splitserve") + 1:])
+        assert (args.etcd_cacert, args.etcd_cert, args.etcd_key, args.etcd_user) == (
+            "/etc/splitserve/etcd/ca.crt", "/etc/splitserve/etcd/tls.crt",
+            "/etc/splitserve/etcd/tls.key", "splitserve")
+        assert {"name": "etcd-tls", "mountPath": "/etc/splitserve/etcd", "readOnly": True} in \
+            c["volumeMounts"]
+        [volume] = [v for v in pods[c["name"]]["volumes"] if v["name"] == "etcd-tls"]
+        assert volume["secret"] == {"secretName": "etcd-client-tls", "items": [
+            {"key": k, "path": k} for k in ("ca.crt", "tls.crt", "tls.key")]}
+        # The password only from its Secret, never on a command line.
+        assert {"name": "SPLITSERVE_ETCD_PASSWORD", "valueFrom": {"secretKeyRef": {
+            "name": "etcd-password", "key": "password"}}} in c["env"]
+        assert not any("password" in a.lower() for a in _argv(c))
+    # Only the CA without a client certificate: no --etcd-cert, and only ca.crt mounted.
+    objects = render_objects(DeploySpec(image="i", etcd="etcd://e:2379",
+                                        etcd_tls_secret="etcd-ca"), SECRET)
+    _validate(objects)
+    for c in _containers(objects):
+        assert _flag(c, "--etcd-cacert") == "/etc/splitserve/etcd/ca.crt"
+        assert "--etcd-cert" not in _argv(c) and "--etcd-user" not in _argv(c)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"image": ""}, "image must be"),
     ({"name": "Bad_Name"}, "name must be a DNS label"),
@@ -226,6 +263,13 @@ def test_an_external_etcd_replaces_the_statefulset():
      "Ray's port and kv_port are both 6379"),
     ({"etcd": "http://10.0.0.2:2379"}, "etcd must be an etcd://HOST:PORT URL"),
     ({"etcd": "etcd://:2379"}, "etcd: discovery URL"),
+    ({"etcd_tls_secret": "tls"}, "etcd_tls_secret apply to an external etcd"),
+    ({"etcd": "etcd://e:2379", "etcd_client_cert": True}, "etcd_client_cert needs etcd_tls_secret"),
+    ({"etcd": "etcd://e:2379", "etcd_user": "u"}, "etcd_user and etcd_password_secret go together"),
+    ({"etcd": "etcd://e:2379", "etcd_user": "a b", "etcd_password_secret": "p"},
+     "etcd_user must be a non-empty name"),
+    ({"etcd": "etcd://e:2379", "etcd_tls_secret": "Bad_Name"}, "etcd_tls_secret must be a DNS"),
+    ({"worker_args": ("--etcd-user", "root")}, "must not set --etcd-user"),
     ({"startup_budget_s": 0}, "startup_budget_s must be"),
     ({"gpu_resource": "gpu"}, "gpu_resource must be"),
     ({"worker_args": ("--max-model-len", "8192", "--kv-secret=x")}, "must not set --kv-secret"),

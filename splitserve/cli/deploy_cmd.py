@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 
 from splitserve.config import ConfigError
-from splitserve.deploy.config import DEVICES, ENGINES, MODEL_MOUNT, DeploySpec
+from splitserve.deploy.config import DEVICES, ENGINES, ETCD_TLS_MOUNT, MODEL_MOUNT, DeploySpec
 
 _D = {f.name: f.default for f in fields(DeploySpec)}
 
@@ -68,6 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cluster.add_argument("--etcd", default=_D["etcd"], metavar="URL",
                          help="an external etcd://HOST:PORT (default: render an etcd StatefulSet)")
     cluster.add_argument("--etcd-image", default=_D["etcd_image"], help="(default: %(default)s)")
+    cluster.add_argument("--etcd-tls-secret", default=_D["etcd_tls_secret"], metavar="SECRET",
+                         help=f"external etcd over TLS: a Secret holding ca.crt (and tls.crt, "
+                              f"tls.key with --etcd-client-cert), mounted at {ETCD_TLS_MOUNT}")
+    cluster.add_argument("--etcd-client-cert", action="store_true",
+                         default=_D["etcd_client_cert"],
+                         help="present the TLS Secret's tls.crt/tls.key to etcd as a client "
+                              "certificate")
+    cluster.add_argument("--etcd-user", default=_D["etcd_user"], metavar="NAME",
+                         help="external etcd's user (with --etcd-password-secret)")
+    cluster.add_argument("--etcd-password-secret", default=_D["etcd_password_secret"],
+                         metavar="SECRET", help="a Secret holding the etcd user's password "
+                         "under key password, given to every process as $SPLITSERVE_ETCD_PASSWORD")
     cluster.add_argument("--secret-name", default=_D["secret_name"],
                          help="Secret holding the deployment's secret under key kv-secret "
                               "(default: NAME-kv-secret)")
@@ -86,7 +98,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             engine=args.engine, device=args.device, tensor_parallel_size=args.tensor_parallel_size,
             nodes_per_worker=args.nodes_per_worker, frontend_port=args.frontend_port,
             worker_port=args.worker_port, kv_port=args.kv_port, etcd=args.etcd,
-            etcd_image=args.etcd_image, secret_name=args.secret_name,
+            etcd_image=args.etcd_image, etcd_tls_secret=args.etcd_tls_secret,
+            etcd_client_cert=args.etcd_client_cert, etcd_user=args.etcd_user,
+            etcd_password_secret=args.etcd_password_secret, secret_name=args.secret_name,
             create_secret=args.create_secret, startup_budget_s=args.startup_budget,
             gpu_resource=args.gpu_resource, worker_args=tuple(args.worker_arg))
     except ConfigError as e:

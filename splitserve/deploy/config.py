@@ -19,13 +19,17 @@ DEVICES = ("cpu", "cuda")
 MODEL_MOUNT = "/models"
 # A multi-node (LeaderWorkerSet) worker's Ray head listens here on its leader pod.
 RAY_PORT = 6379
+# An external etcd's TLS Secret is mounted read-only here: ca.crt (the CA that signed
+# etcd's certificate) and, with a client certificate, tls.crt and tls.key (the keys of a
+# kubernetes.io/tls Secret).
+ETCD_TLS_MOUNT = "/etc/splitserve/etcd"
 # Flags `deploy` sets itself on every worker; passing them again through worker_args
 # would contradict the rendered ports, addresses or discovery (or put the secret on a
 # command line).
 OWNED_WORKER_FLAGS = ("--role", "--host", "--port", "--kv-port", "--advertise-host",
                       "--discovery", "--namespace", "--kv-secret", "--model",
                       "--served-model-name", "--device", "--engine", "--tensor-parallel-size",
-                      "--port-file")
+                      "--port-file", "--etcd-cacert", "--etcd-cert", "--etcd-key", "--etcd-user")
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -55,6 +59,10 @@ class DeploySpec:
     kv_port: int = 8200                      # prefill workers' KV port
     etcd: str | None = None                  # external etcd://HOST:PORT; None: an in-cluster StatefulSet
     etcd_image: str = "quay.io/coreos/etcd:v3.5.17"
+    etcd_tls_secret: str | None = None       # external etcd over TLS: Secret with ca.crt,
+    etcd_client_cert: bool = False           # and tls.crt/tls.key for --client-cert-auth
+    etcd_user: str | None = None             # external etcd's user; its password from:
+    etcd_password_secret: str | None = None  # a Secret with key "password"
     secret_name: str | None = None           # None: NAME-kv-secret
     create_secret: bool = True               # False: the Secret exists already (key "kv-secret")
     startup_budget_s: int = 1800             # how long a worker may take to load its model
@@ -77,9 +85,11 @@ class DeploySpec:
         self._check_ports()
         if self.etcd is not None:
             self._check_etcd()
-        if self.secret_name is not None and (not _DNS_SUBDOMAIN.match(self.secret_name)
-                                             or len(self.secret_name) > 253):
-            raise ConfigError(f"secret_name must be a DNS subdomain, got {self.secret_name!r}")
+        self._check_etcd_auth()
+        for field_name in ("secret_name", "etcd_tls_secret", "etcd_password_secret"):
+            value = getattr(self, field_name)
+            if value is not None and (not _DNS_SUBDOMAIN.match(value) or len(value) > 253):
+                raise ConfigError(f"{field_name} must be a DNS subdomain, got {value!r}")
         if not 10 <= self.startup_budget_s <= 86400:
             raise ConfigError(f"startup_budget_s must be 10..86400 seconds, got {self.startup_budget_s}")
         if not _RESOURCE_NAME.match(self.gpu_resource):
@@ -152,6 +162,22 @@ class DeploySpec:
             parse_discovery(self.etcd, namespace=self.name)
         except DiscoveryError as e:
             raise ConfigError(f"etcd: {e}") from None
+
+    def _check_etcd_auth(self) -> None:
+        given = [f for f in ("etcd_tls_secret", "etcd_user") if getattr(self, f) is not None]
+        if given and self.etcd is None:
+            raise ConfigError(f"{' and '.join(given)} apply to an external etcd (etcd): the "
+                              f"in-cluster etcd deploy renders has neither TLS nor users")
+        if self.etcd_client_cert and self.etcd_tls_secret is None:
+            raise ConfigError("etcd_client_cert needs etcd_tls_secret, the Secret holding "
+                              "tls.crt and tls.key")
+        if (self.etcd_user is None) != (self.etcd_password_secret is None):
+            raise ConfigError("etcd_user and etcd_password_secret go together: the user's "
+                              "password reaches the processes only from that Secret")
+        if self.etcd_user is not None and (not self.etcd_user
+                                           or any(c.isspace() for c in self.etcd_user)):
+            raise ConfigError(f"etcd_user must be a non-empty name without spaces, got "
+                              f"{self.etcd_user!r}")
 
     @property
     def mounts_model(self) -> bool:

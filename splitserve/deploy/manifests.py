@@ -6,16 +6,20 @@ Invariants:
   so a probe/port mismatch cannot be rendered. The KV port likewise feeds both the
   `--kv-port` flag and its containerPort.
 - The deployment's secret reaches processes only as $SPLITSERVE_KV_SECRET from a Secret
-  (secretKeyRef); it is never on a command line, where `ps` and the pod spec show it.
+  (secretKeyRef); it is never on a command line, where `ps` and the pod spec show it. An
+  external etcd's password likewise, as $SPLITSERVE_ETCD_PASSWORD; its TLS files are a
+  Secret mounted read-only, the flags naming them derived from the same mount path.
 - Workers listen on 0.0.0.0 and advertise their pod IP (downward API), never loopback.
 """
 
 from __future__ import annotations
 
-from splitserve.deploy.config import MODEL_MOUNT, RAY_PORT, DeploySpec
+from splitserve.cli.discovery_args import PASSWORD_ENV
+from splitserve.deploy.config import ETCD_TLS_MOUNT, MODEL_MOUNT, RAY_PORT, DeploySpec
 from splitserve.worker.config import SECRET_ENV
 
 SECRET_KEY = "kv-secret"
+ETCD_PASSWORD_KEY = "password"
 PROBE_PERIOD_S = 10
 ETCD_CLIENT_PORT = 2379
 _POD_IP = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
@@ -54,6 +58,36 @@ def _secret(spec: DeploySpec, value: str) -> dict:
 def _secret_env(spec: DeploySpec) -> dict:
     return {"name": SECRET_ENV,
             "valueFrom": {"secretKeyRef": {"name": spec.kv_secret_name, "key": SECRET_KEY}}}
+
+
+def _etcd_args(spec: DeploySpec) -> list[str]:
+    args = []
+    if spec.etcd_tls_secret is not None:
+        args += ["--etcd-cacert", f"{ETCD_TLS_MOUNT}/ca.crt"]
+        if spec.etcd_client_cert:
+            args += ["--etcd-cert", f"{ETCD_TLS_MOUNT}/tls.crt",
+                     "--etcd-key", f"{ETCD_TLS_MOUNT}/tls.key"]
+    if spec.etcd_user is not None:
+        args += ["--etcd-user", spec.etcd_user]
+    return args
+
+
+def _etcd_env(spec: DeploySpec) -> list[dict]:
+    if spec.etcd_password_secret is None:
+        return []
+    return [{"name": PASSWORD_ENV, "valueFrom": {"secretKeyRef": {
+        "name": spec.etcd_password_secret, "key": ETCD_PASSWORD_KEY}}}]
+
+
+def _etcd_volumes(spec: DeploySpec) -> tuple[list[dict], list[dict]]:
+    """The TLS Secret, its keys listed: a Secret missing one fails the pod's start with
+    an event naming the key, not the process later with a missing file."""
+    if spec.etcd_tls_secret is None:
+        return [], []
+    keys = ["ca.crt", *(["tls.crt", "tls.key"] if spec.etcd_client_cert else [])]
+    return ([{"name": "etcd-tls", "secret": {"secretName": spec.etcd_tls_secret,
+                                             "items": [{"key": k, "path": k} for k in keys]}}],
+            [{"name": "etcd-tls", "mountPath": ETCD_TLS_MOUNT, "readOnly": True}])
 
 
 def _probes(port: int, ready_path: str, startup_path: str, startup_budget_s: int) -> dict:
@@ -112,7 +146,7 @@ def _gpu_resources(spec: DeploySpec) -> dict:
 
 def _worker_args(spec: DeploySpec, role: str) -> list[str]:
     args = ["worker", "--role", role, "--host", "0.0.0.0", "--advertise-host", "$(POD_IP)",
-            "--discovery", spec.discovery_url, "--namespace", spec.name]
+            "--discovery", spec.discovery_url, "--namespace", spec.name, *_etcd_args(spec)]
     if spec.model is not None:
         args += ["--model", spec.model]
     if spec.served_model_name is not None:
@@ -138,7 +172,9 @@ def _worker_pod_spec(spec: DeploySpec, role: str, *, leader: bool) -> dict:
                                    startup_path="/health", startup_budget_s=spec.startup_budget_s,
                                    extra_ports=extra)
     volumes, mounts = _model_volumes(spec)
-    container["env"] = [_POD_IP, _secret_env(spec)]
+    etcd_volumes, etcd_mounts = _etcd_volumes(spec)
+    volumes, mounts = volumes + etcd_volumes, mounts + etcd_mounts
+    container["env"] = [_POD_IP, _secret_env(spec), *_etcd_env(spec)]
     container.update(_gpu_resources(spec))
     if mounts:
         container["volumeMounts"] = mounts
@@ -190,18 +226,21 @@ def _worker_lws(spec: DeploySpec, role: str, replicas: int) -> dict:
 def _frontend_deployment(spec: DeploySpec) -> dict:
     labels = _labels(spec, "frontend")
     args = ["frontend", "--host", "0.0.0.0", "--discovery", spec.discovery_url,
-            "--namespace", spec.name]
+            "--namespace", spec.name, *_etcd_args(spec)]
     # The frontend's /health is 503 until a worker is ready: its startupProbe waits on
     # /live, so a slow model load delays its readiness, never restarts it.
     container = _serving_container("frontend", spec.image, ["splitserve"], args,
                                    spec.frontend_port, startup_path="/live",
                                    startup_budget_s=spec.startup_budget_s)
-    container["env"] = [_secret_env(spec)]
+    container["env"] = [_secret_env(spec), *_etcd_env(spec)]
+    pod = {"containers": [container]}
+    volumes, mounts = _etcd_volumes(spec)
+    if volumes:
+        container["volumeMounts"], pod["volumes"] = mounts, volumes
     return {"apiVersion": "apps/v1", "kind": "Deployment",
             "metadata": _meta(spec, f"{spec.name}-frontend", "frontend"),
             "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                     "template": {"metadata": {"labels": labels},
-                                  "spec": {"containers": [container]}}}}
+                     "template": {"metadata": {"labels": labels}, "spec": pod}}}
 
 
 def _frontend_service(spec: DeploySpec) -> dict:
