@@ -16,7 +16,8 @@ from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.sampler import SampleFailure
 from splitserve.engine.scheduler import Scheduler
-from splitserve.engine.types import EngineStats, FinishReason, KVProgress, RequestOutput, SamplingParams
+from splitserve.engine.types import (EngineStats, FinishReason, KVProgress, RequestOutput,
+                                     SamplingParams, TokenLogprobs)
 from splitserve.model.config import ModelArchConfig
 from splitserve.model.loader import load_model
 from splitserve.model.registry import DEFAULT_MODEL_NAME, resolve_model
@@ -130,10 +131,12 @@ class LLMEngine:
         req.status = RequestStatus.RESERVED
         return list(self.kv_manager.block_table(request_id))
 
-    def commit_reserved(self, request_id: str, num_computed_tokens: int, first_token: int | None) -> None:
+    def commit_reserved(self, request_id: str, num_computed_tokens: int, first_token: int | None,
+                        first_logprobs: TokenLogprobs | None = None) -> None:
         """The peer's KV for prompt tokens [0, num_computed_tokens) is in the reserved
         blocks (verified). With first_token the prefill is complete and decoding starts;
-        without it (fallback) the engine computes the rest of the prompt itself."""
+        without it (fallback) the engine computes the rest of the prompt itself.
+        first_logprobs: the first token's, as the peer sampled it (when asked for)."""
         req = self._requests.get(request_id)
         if req is None or req.status is not RequestStatus.RESERVED:
             raise RequestError(f"request {request_id!r} has no reservation", "request_id")
@@ -156,7 +159,7 @@ class LLMEngine:
             req.append_output(first_token)
             if req.check_finished(self.max_model_len):
                 self._finish(req)
-            self._pending.append(self._output(req, [first_token]))
+            self._pending.append(self._output(req, [first_token], logprobs=first_logprobs))
 
     # --- prefill side ------------------------------------------------------------------
     def release(self, request_id: str) -> None:
@@ -216,10 +219,10 @@ class LLMEngine:
                 if req.hold:
                     outputs.append(self._output(req, []))   # progress for the peer
                 continue
-            req.append_output(token)
+            req.append_output(token.token_id)
             if req.check_finished(self.max_model_len):
                 self._finish(req)
-            outputs.append(self._output(req, [token]))
+            outputs.append(self._output(req, [token.token_id], logprobs=token.logprobs))
         return outputs
 
     def _finish(self, req: Request) -> None:
@@ -234,7 +237,8 @@ class LLMEngine:
         req.finish_reason = FinishReason.ERROR
         self._finish(req)
 
-    def _output(self, req: Request, new_tokens: list[int], error: str | None = None) -> RequestOutput:
+    def _output(self, req: Request, new_tokens: list[int], error: str | None = None,
+                logprobs: TokenLogprobs | None = None) -> RequestOutput:
         progress = None
         if req.hold:
             # Once a token is sampled the prompt's blocks are all final (the sampled token's
@@ -250,7 +254,17 @@ class LLMEngine:
             finished=req.status is RequestStatus.FINISHED, finish_reason=req.finish_reason,
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens,
             num_transferred_tokens=req.num_transferred_tokens, kv_progress=progress,
-            error=error)
+            error=error, logprobs=None if logprobs is None else [logprobs])
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The KV pool, one block per row (KVLayout): a KV transfer reads and writes the
+        rows of reserved and held requests in place while the engine runs."""
+        return self.runner.kv
 
     def fingerprint(self) -> dict[str, str]:
         """What a KV peer must share with this engine for its bytes to mean the same thing:

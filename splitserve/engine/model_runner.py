@@ -7,7 +7,7 @@ import torch
 
 from splitserve.engine.attention import PagedAttention, SeqSlice
 from splitserve.engine.kv_cache import KVLayout
-from splitserve.engine.sampler import SampleFailure, Sampler
+from splitserve.engine.sampler import Sampled, SampleFailure, Sampler
 from splitserve.engine.scheduler import SchedulerOutput
 
 
@@ -21,7 +21,7 @@ class ModelRunner:
         self.sampler = Sampler(seed)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> dict[str, int | SampleFailure]:
+    def execute(self, sched: SchedulerOutput) -> dict[str, Sampled | SampleFailure]:
         """Runs the forward for every scheduled request; returns request id -> sampled
         token (or why that request's row could not be sampled) for the requests whose
         known tokens are now all computed."""

@@ -9,6 +9,10 @@ A seeded request's generator is derived afresh for every token from (seed, posit
 is the same whichever engine samples it — aggregated, the prefill worker for the first
 token and a decode worker for the rest, or a second decode worker after a migration.
 
+Each sampled token comes as a Sampled, with its logprobs (TokenLogprobs) when the
+request asked for them: the log-softmax of the raw logits, before temperature, top-k and
+top-p (vLLM's default logprobs mode), computed in one batch for the rows that want it.
+
 A row that cannot be sampled (non-finite logits, probabilities torch refuses, any error
 while sampling it) yields a SampleFailure for that row alone: one request's bad numbers
 must never stop the batch, or the engine.
@@ -18,7 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from splitserve.engine.types import SamplingParams
+from dataclasses import dataclass
+
+from splitserve.engine.types import SamplingParams, TokenLogprobs
 
 
 _MASK64 = (1 << 64) - 1
@@ -43,6 +49,23 @@ class SampleFailure(Exception):
     """Why one row could not be sampled; the engine fails that request with it."""
 
 
+@dataclass(frozen=True)
+class Sampled:
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[TokenLogprobs]:
+    """logits: [N, V]; row i's sampled token_ids[i] and its ks[i] most likely tokens."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
+    k_max = max(ks)
+    top_vals, top_ids = (lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], lp[:, :0].long()))
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    return [TokenLogprobs(t, c, tuple(zip(ids[:k], vals[:k])))
+            for t, c, k, ids, vals in zip(token_ids, chosen, ks, top_ids, top_vals)]
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits: [V] float32, already divided by temperature. Returns masked logits."""
     if 0 < top_k < logits.numel():
@@ -64,7 +87,7 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> list[int | SampleFailure]:
+               generators: list[torch.Generator | None]) -> list[Sampled | SampleFailure]:
         """logits: [N, V] float32 (on any device); one token, or the row's failure, per row."""
         logits = logits.float()
         finite = torch.isfinite(logits).all(-1).tolist()
@@ -85,7 +108,18 @@ class Sampler:
                 out[i] = e
             except Exception as e:  # noqa: BLE001 - any error here is this row's alone
                 out[i] = SampleFailure(f"sampling failed: {type(e).__name__}: {e}")
-        return out
+        return self._with_logprobs(logits, params, out)
+
+    @staticmethod
+    def _with_logprobs(logits: torch.Tensor, params: list[SamplingParams],
+                       tokens: list[int | SampleFailure]) -> list[Sampled | SampleFailure]:
+        rows = [i for i, (p, t) in enumerate(zip(params, tokens))
+                if p.logprobs is not None and not isinstance(t, SampleFailure)]
+        lps = token_logprobs(logits[rows], [tokens[i] for i in rows],
+                             [params[i].logprobs for i in rows]) if rows else []
+        by_row = dict(zip(rows, lps))
+        return [t if isinstance(t, SampleFailure) else Sampled(t, by_row.get(i))
+                for i, t in enumerate(tokens)]
 
     @staticmethod
     def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:

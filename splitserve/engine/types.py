@@ -15,6 +15,7 @@ MAX_TEMPERATURE = 1e6
 MAX_TOKEN_ID = 2**31 - 1
 MAX_STOP_TOKEN_IDS = 1024
 SEED_MIN, SEED_MAX = -2**63, 2**63 - 1   # torch.Generator's range (vLLM's bounds too)
+MAX_LOGPROBS = 20   # vLLM's default --max-logprobs; OpenAI's top_logprobs bound too
 
 
 class SamplingError(ValueError):
@@ -49,6 +50,9 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    # None: no logprobs. k >= 0: the sampled token's logprob and the k most likely
+    # tokens' (chat top_logprobs, completions logprobs).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -72,10 +76,25 @@ class SamplingParams:
                                 f"{bad!r}", "stop_token_ids")
         if not isinstance(self.ignore_eos, bool):
             raise SamplingError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", "ignore_eos")
+        if self.logprobs is not None and (not _is_int(self.logprobs)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise SamplingError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
+                                f"{self.logprobs!r}", "logprobs")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's log-probability and the `top` most likely tokens' (id,
+    logprob), most likely first. As vLLM's default (logprobs_mode raw_logprobs): the
+    log-softmax of the model's logits before temperature, top-k or top-p."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class FinishReason(str, enum.Enum):
@@ -109,6 +128,8 @@ class RequestOutput:
     num_transferred_tokens: int = 0     # prompt tokens whose KV another worker computed
     kv_progress: KVProgress | None = None
     error: str | None = None            # set with FinishReason.ERROR
+    # One per new token, for a request with SamplingParams.logprobs set; else None.
+    logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
