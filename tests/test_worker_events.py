@@ -103,27 +103,19 @@ def test_snapshot_then_live_batches_to_two_subscribers(worker):
     sub_a.wait_closed()
 
 
-class _FakeAsyncEngine:
-    """Runs publisher callbacks inline, as the engine thread would."""
+class _FakeEngine:
+    """The one WorkerEngine call the publisher makes, run inline: an empty prefix cache,
+    nothing pending."""
 
-    def __init__(self):
-        self.cached: list = []
-
-    def drain_kv_events(self):
-        return []
-
-    def kv_cache_snapshot(self):
-        return [AllCleared(), *self.cached]
-
-    async def call(self, fn):
-        return fn(self)
+    async def kv_snapshot(self, take):
+        return take([AllCleared()])
 
 
 def test_a_subscriber_that_falls_behind_is_dropped_and_others_keep_going():
     async def scenario():
         publisher = KVEventPublisher("w", max_queued=4)
         publisher.start()
-        engine = _FakeAsyncEngine()
+        engine = _FakeEngine()
         slow = await publisher.subscribe(engine)
         fast = await publisher.subscribe(engine)
         assert decode_batch(await anext(slow)).seq == 0

@@ -1,4 +1,4 @@
-"""The worker's internal HTTP API (frontend -> worker), over one AsyncEngine.
+"""The worker's internal HTTP API (frontend -> worker), over one engine (engine_api.WorkerEngine).
 
 POST /generate streams NDJSON GenerateChunk lines; a client that disconnects ends the
 stream, which aborts the request in the engine and frees its KV blocks. A request naming
@@ -21,17 +21,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from splitserve.engine.llm_engine import CapacityError, RequestError
 from splitserve.discovery import WorkerRecord
 from splitserve.disconnect import unless_disconnected
 from splitserve.engine.types import EngineStats, RequestOutput, SamplingError
 from splitserve.metrics import WorkerMetrics
 from splitserve.transfer.config import TransferStats
 from splitserve.worker import protocol as p
-from splitserve.worker.async_engine import AsyncEngine, EngineDeadError, EngineState, RequestFailed
 from splitserve.worker.auth import WorkerAuth
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.doctor_routes import add_doctor_routes
+from splitserve.worker.engine_api import (
+    CapacityError, EngineDeadError, EngineState, RequestError, RequestFailed, WorkerEngine)
 from splitserve.worker.incidents import IncidentLog
 from splitserve.worker.kv_events import KVEventPublisher
 from splitserve.worker.kv_port import KVPort
@@ -50,13 +50,13 @@ def _reply(status: int, msg: msgspec.Struct) -> Response:
     return Response(p.encode(msg), status_code=status, media_type="application/json")
 
 
-def _not_ready(engine: AsyncEngine) -> Response:
+def _not_ready(engine: WorkerEngine) -> Response:
     if engine.state is EngineState.LOADING:
         return _reply(503, p.WorkerHealth("loading", "the model is loading"))
     return _reply(503, p.WorkerHealth("failed", engine.failure))
 
 
-def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
+def create_app(engine: WorkerEngine, config: WorkerConfig, worker_id: str,
                publisher: KVEventPublisher | None = None,
                registration: WorkerRegistration | None = None) -> FastAPI:
     """publisher: the one the engine hands its KV events to (serves GET /kv_events).
@@ -123,10 +123,11 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
         else:
             state = "ready" if not_serving() is None else "loading"
         s = engine.stats() or EngineStats()
+        info = engine.info()
         kv_host, kv_port_number = (kv_port.address if kv_port is not None and kv_port.address
                                    else (None, None))
         return msgspec.structs.replace(
-            base, state=state, model_name=engine.engine.model_name if engine.engine else "",
+            base, state=state, model_name=info.model_name if info else "",
             kv_host=kv_host, kv_port=kv_port_number,
             num_requests_running=s.num_requests_running, num_requests_waiting=s.num_requests_waiting,
             num_pending_prefill_tokens=s.num_pending_prefill_tokens,
@@ -152,11 +153,11 @@ def create_app(engine: AsyncEngine, config: WorkerConfig, worker_id: str,
     async def info() -> Response:
         if (refusal := not_serving()) is not None:
             return refusal
-        e = engine.engine
+        e = engine.info()
         kv_host, kv_port_number = kv_port.address if kv_port is not None else (None, None)
         return _reply(200, p.WorkerInfo(
             role=role, model_name=e.model_name, model_dir=str(e.model_dir),
-            max_model_len=e.max_model_len, block_size=e.config.block_size,
+            max_model_len=e.max_model_len, block_size=e.block_size,
             eos_token_ids=list(e.eos_token_ids), worker_id=worker_id, kv_host=kv_host,
             kv_port=kv_port_number))
 

@@ -1,62 +1,82 @@
-"""Drives the synchronous, single-threaded LLMEngine from asyncio.
+"""splitserve's own engine behind the worker's engine seam (engine_api.WorkerEngine):
+drives the synchronous, single-threaded LLMEngine from asyncio.
 
 The engine lives on one dedicated thread: it is built there (so the HTTP server can
-answer /live and /health while the model loads), and every add/abort reaches it through
-a command queue, because LLMEngine is not thread-safe. Outputs travel back to the event
-loop with call_soon_threadsafe into one asyncio.Queue per request. When there is nothing
-to do the thread sleeps on an Event instead of spinning.
+answer /live and /health while the model loads), and every request reaches it through a
+command queue of typed commands (_Call, _Hold, _Release, _Abort), because LLMEngine is
+not thread-safe. Outputs travel back to the event loop with call_soon_threadsafe into
+one asyncio.Queue per request. When there is nothing to do the thread sleeps on an Event
+instead of spinning. KV events are drained on that thread after every step and command.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar, Union
 
-from splitserve.engine.llm_engine import RequestError
+from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.types import EngineStats, FinishReason, RequestOutput, SamplingParams
+from splitserve.kvtypes.events import KVEvent
+from splitserve.worker.engine_api import (
+    EngineDeadError, EngineInfo, EngineState, HeldSink, KVMemory, RequestError, RequestFailed,
+    WorkerEngine)
 
 logger = logging.getLogger(__name__)
 
-
-class EngineState(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"
+T = TypeVar("T")
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread failed; no request on this worker can complete."""
+# --- commands to the engine thread ----------------------------------------------------------
+@dataclass(frozen=True)
+class _Call:
+    """Run fn(engine) there; settle `done` (a future of the event loop) with its outcome."""
+
+    fn: Callable[[LLMEngine], Any]
+    done: asyncio.Future
 
 
-class RequestFailed(RuntimeError):
-    """The engine failed this one request (e.g. its sampling); the engine and every other
-    request go on."""
+@dataclass(frozen=True)
+class _Hold:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sink: HeldSink
 
 
-class AsyncEngine:
-    def __init__(self, factory: Callable[[], Any], on_fatal: Callable[[str], None],
-                 on_kv_events: Callable[[list], None] | None = None):
-        """factory builds the LLMEngine (on the engine thread); on_fatal is called on the
-        event loop with a reason when the engine cannot load or crashes. on_kv_events gets
-        the engine's KV cache events, on the engine thread, after every step and command
-        that produced some (it must not block: it only hands them to the event loop)."""
+@dataclass(frozen=True)
+class _Release:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_id: str
+
+
+_Command = Union[_Call, _Hold, _Release, _Abort]
+
+
+class AsyncEngine(WorkerEngine):
+    def __init__(self, factory: Callable[[], LLMEngine], on_fatal: Callable[[str], None],
+                 on_kv_events: Callable[[list[KVEvent]], None] | None = None):
+        """factory builds the LLMEngine (on the engine thread); on_kv_events runs on the
+        engine thread, after every step and command that changed the prefix cache."""
+        super().__init__(on_fatal, on_kv_events)
         self._factory = factory
-        self._on_fatal = on_fatal
-        self._on_kv_events = on_kv_events
-        self.state = EngineState.LOADING
-        self.failure: str | None = None
-        self.engine: Any = None  # set once READY; read-only attributes only from other threads
+        # Set on the engine thread before state turns READY, immutable from then on.
+        self._info: EngineInfo | None = None
+        self._kv_memory: KVMemory | None = None
         self._stats: EngineStats | None = None
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = False
         self._streams: dict[str, asyncio.Queue] = {}  # touched on the event loop thread only
-        self._sinks: dict[str, queue.SimpleQueue] = {}  # held prefills; engine thread only
+        self._sinks: dict[str, HeldSink] = {}  # held prefills; engine thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -72,18 +92,48 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def info(self) -> EngineInfo | None:
+        return self._info
+
+    def kv_memory(self) -> KVMemory | None:
+        return self._kv_memory
+
     def stats(self) -> EngineStats | None:
         """The snapshot taken after the engine's latest step (None while loading)."""
         return self._stats
 
     async def add(self, request_id: str, prompt_token_ids: list[int],
                   params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Admit a request; raises the engine's RequestError if it is refused. Returns the
-        stream of its outputs; leaving that stream before the end aborts the request."""
-        return await self.open_stream(
+        return await self._open_stream(
             request_id, lambda e: e.add_request(request_id, prompt_token_ids, params))
 
-    async def open_stream(self, request_id: str, start: Callable[[Any], None]) -> AsyncIterator[RequestOutput]:
+    async def reserve(self, request_id: str, prompt_token_ids: list[int],
+                      params: SamplingParams) -> list[int]:
+        return await self._call(lambda e: e.reserve(request_id, prompt_token_ids, params))
+
+    async def commit(self, request_id: str, num_computed_tokens: int,
+                     first_token: int | None) -> AsyncIterator[RequestOutput]:
+        return await self._open_stream(
+            request_id, lambda e: e.commit_reserved(request_id, num_computed_tokens, first_token))
+
+    async def kv_snapshot(self, take: Callable[[list[KVEvent]], T]) -> T:
+        def flush_then_take(engine: LLMEngine) -> T:
+            self._drain_kv_events(engine)
+            return take(engine.kv_cache_snapshot())
+        return await self._call(flush_then_take)
+
+    def submit_held(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    sink: HeldSink) -> None:
+        self._send(_Hold(request_id, prompt_token_ids, params, sink))
+
+    def release_held(self, request_id: str) -> None:
+        self._send(_Release(request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._send(_Abort(request_id))
+
+    async def _open_stream(self, request_id: str,
+                           start: Callable[[LLMEngine], None]) -> AsyncIterator[RequestOutput]:
         """Register the request's output stream, then run start(engine) on the engine
         thread (add_request, or commit_reserved after a KV transfer). Errors from start
         propagate; leaving the returned stream before the end aborts the request."""
@@ -96,7 +146,7 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = outputs
         try:
-            await self.call(start)
+            await self._call(start)
         except BaseException:
             # Refused, or our caller was cancelled while waiting: either way nobody will
             # read this stream, and the engine must not keep the request.
@@ -105,29 +155,15 @@ class AsyncEngine:
             raise
         return self._iterate(request_id, outputs)
 
-    async def call(self, fn: Callable[[Any], Any]) -> Any:
+    async def _call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run fn(engine) on the engine thread; its result or exception comes back here.
         ValueError/RuntimeError subclasses (the engine's named errors) are expected; any
         other exception is logged but also only fails this call, never the engine."""
         if self.state is not EngineState.READY:
             raise EngineDeadError(f"engine is {self.state.value}")
         done = self._loop.create_future()
-        self._send(("call", fn, done))
+        self._send(_Call(fn, done))
         return await done
-
-    def submit_held(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    sink: queue.SimpleQueue) -> None:
-        """From any thread: start a prefill whose KV a peer reads. Its outputs (with
-        kv_progress) go to `sink` on the engine thread, not to the event loop; a refusal
-        arrives there as the exception. Blocks stay pinned until release_held()."""
-        self._send(("held", request_id, prompt_token_ids, params, sink))
-
-    def release_held(self, request_id: str) -> None:
-        """From any thread: the peer is done with (or gave up on) a held request."""
-        self._send(("release", request_id))
-
-    def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
 
     async def _iterate(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -146,7 +182,7 @@ class AsyncEngine:
                 logger.info("request_id=%s aborted by its caller", request_id)
                 self.abort(request_id)
 
-    def _send(self, command: tuple) -> None:
+    def _send(self, command: _Command) -> None:
         self._commands.put(command)
         self._wakeup.set()
 
@@ -178,11 +214,14 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             engine = self._factory()
+            # The fingerprint reads the model's config.json: once, here, not per transfer.
+            self._info = EngineInfo(engine.model_name, engine.model_dir, engine.max_model_len,
+                                    engine.block_size, tuple(engine.eos_token_ids))
+            self._kv_memory = KVMemory(engine.kv_cache, engine.fingerprint(), engine.block_size)
         except Exception as e:
             logger.exception("model load failed")
             self._loop.call_soon_threadsafe(self._fail_all, f"model load failed: {e}")
             return
-        self.engine = engine
         self._stats = engine.stats()
         self.state = EngineState.READY
         logger.info("engine ready: model=%s max_model_len=%d", engine.model_name, engine.max_model_len)
@@ -192,7 +231,7 @@ class AsyncEngine:
             logger.exception("engine step failed")
             self._loop.call_soon_threadsafe(self._fail_all, f"engine failed: {e}")
 
-    def _loop_forever(self, engine) -> None:
+    def _loop_forever(self, engine: LLMEngine) -> None:
         while not self._stopping:
             self._apply_commands(engine)
             if engine.has_unfinished_requests():
@@ -222,7 +261,7 @@ class AsyncEngine:
                 del self._sinks[out.request_id]
         return rest
 
-    def _apply_commands(self, engine) -> None:
+    def _apply_commands(self, engine: LLMEngine) -> None:
         changed = False
         while True:
             try:
@@ -230,37 +269,35 @@ class AsyncEngine:
             except queue.Empty:
                 break
             changed = True
-            kind = command[0]
-            if kind == "call":
-                _, fn, done = command
+            if isinstance(command, _Call):
                 try:
-                    result, error = fn(engine), None
+                    result, error = command.fn(engine), None
                 except (ValueError, RuntimeError) as e:  # the engine's named errors
                     result, error = None, e
                 except Exception as e:  # noqa: BLE001 - a bug for one request is that request's
                     logger.exception("an engine call failed")
                     result, error = None, e
-                self._loop.call_soon_threadsafe(self._settle, done, result, error)
-            elif kind == "held":
-                _, request_id, prompt, params, sink = command
+                self._loop.call_soon_threadsafe(self._settle, command.done, result, error)
+            elif isinstance(command, _Hold):
+                rid = command.request_id
                 try:
-                    engine.add_request(request_id, prompt, params, hold=True)
-                    self._sinks[request_id] = sink
+                    engine.add_request(rid, command.prompt_token_ids, command.params, hold=True)
+                    self._sinks[rid] = command.sink
                 except ValueError as e:
-                    sink.put(e)
+                    command.sink.put(e)
                 except Exception as e:  # noqa: BLE001 - fails this prefill, not the engine
-                    logger.exception("request_id=%s could not be added", request_id)
-                    sink.put(e)
-            elif kind == "release":
-                self._sinks.pop(command[1], None)
-                engine.release(command[1])
+                    logger.exception("request_id=%s could not be added", rid)
+                    command.sink.put(e)
+            elif isinstance(command, _Release):
+                self._sinks.pop(command.request_id, None)
+                engine.release(command.request_id)
             else:
-                engine.abort_request(command[1])
+                engine.abort_request(command.request_id)
         if changed:
             self._stats = engine.stats()
             self._drain_kv_events(engine)
 
-    def _drain_kv_events(self, engine) -> None:
+    def _drain_kv_events(self, engine: LLMEngine) -> None:
         # Drained even with nobody to hand them to: the engine's list must not grow.
         events = engine.drain_kv_events()
         if events and self._on_kv_events is not None:

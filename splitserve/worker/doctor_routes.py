@@ -30,14 +30,14 @@ from fastapi.responses import JSONResponse
 from splitserve.transfer.bandwidth import ProbeServer, measure
 from splitserve.transfer.probe import probe_session
 from splitserve.worker import protocol as p
-from splitserve.worker.async_engine import AsyncEngine
+from splitserve.worker.engine_api import WorkerEngine
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.incidents import IncidentLog
 from splitserve.worker.prefill_peers import PrefillPeers, UnknownPrefillWorker
 
 
 def add_doctor_routes(app: FastAPI, worker_id: str, config: WorkerConfig, incidents: IncidentLog,
-                      engine: AsyncEngine, peers: PrefillPeers) -> None:
+                      engine: WorkerEngine, peers: PrefillPeers) -> None:
     @app.get("/incidents")
     async def get_incidents() -> JSONResponse:
         return JSONResponse({"worker_id": worker_id, "role": config.role, **incidents.snapshot()})
@@ -52,16 +52,16 @@ def add_doctor_routes(app: FastAPI, worker_id: str, config: WorkerConfig, incide
             target = p.decode(await request.body(), p.PrefillTarget)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             return JSONResponse({"message": f"invalid prefill target: {e}"}, status_code=400)
-        eng = engine.engine
-        if eng is None:
+        kv = engine.kv_memory()
+        if kv is None:
             return JSONResponse({"message": "the model is not loaded yet"}, status_code=503)
         try:
             addr = await peers.resolve("doctor-session-probe", target)
         except UnknownPrefillWorker as e:
             return JSONResponse({"message": str(e), "code": "unknown_prefill_worker"},
                                 status_code=400)
-        probe = await asyncio.to_thread(probe_session, addr, eng.runner.kv, config.transfer,
-                                        eng.fingerprint())
+        probe = await asyncio.to_thread(probe_session, addr, kv.tensor, config.transfer,
+                                        kv.fingerprint)
         return JSONResponse({"decode_worker": worker_id, "prefill_worker": target.worker_id,
                              "kv_address": f"{addr[0]}:{addr[1]}", **probe.to_json()})
 
@@ -99,21 +99,20 @@ class _BandwidthRequest(msgspec.Struct, forbid_unknown_fields=True):
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _add_probe_server_routes(app: FastAPI, config: WorkerConfig, engine: AsyncEngine) -> None:
+def _add_probe_server_routes(app: FastAPI, config: WorkerConfig, engine: WorkerEngine) -> None:
     servers: dict[int, ProbeServer] = {}
 
     @app.post("/doctor/kv_probe_server")
     async def open_probe_server() -> JSONResponse:
-        eng = engine.engine
-        if eng is None:
+        kv, info = engine.kv_memory(), engine.info()
+        if kv is None or info is None:
             return JSONResponse({"message": "the model is not loaded yet"}, status_code=503)
-        kv = eng.runner.kv
-        shape, dtype = list(kv.shape[1:]), str(kv.dtype).removeprefix("torch.")
+        shape, dtype = kv.block_shape, kv.dtype
         server = await asyncio.to_thread(ProbeServer, shape, dtype, config.transfer, config.host)
         servers[server.port] = server
         return JSONResponse({"probe_port": server.port, "block_shape": shape, "dtype": dtype,
-                             "block_size": eng.config.block_size,
-                             "max_model_len": eng.max_model_len,
+                             "block_size": kv.block_size,
+                             "max_model_len": info.max_model_len,
                              "lease": config.transfer.lease})
 
     @app.delete("/doctor/kv_probe_server/{port}")

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator
 
 from splitserve.kvtypes.events import KVEvent, KVEventBatch, encode_batch
-from splitserve.worker.async_engine import AsyncEngine
+from splitserve.worker.engine_api import WorkerEngine
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +67,17 @@ class KVEventPublisher:
 
     # --- engine thread --------------------------------------------------------------------
     def publish(self, events: list[KVEvent]) -> None:
-        """AsyncEngine's on_kv_events: number the events and hand them to the loop."""
+        """The engine's on_kv_events: number the events and hand them to the loop."""
         if not events:
             return
         self._version += 1
         batch = KVEventBatch(self.worker_id, self.epoch, self._version, events)
         self._loop.call_soon_threadsafe(self._fanout, batch)
 
-    def _snapshot(self, engine) -> KVEventBatch:
-        # Publish what the engine has not handed over yet, so that the snapshot's version
-        # counts every change it reflects.
-        self.publish(engine.drain_kv_events())
-        return KVEventBatch(self.worker_id, self.epoch, self._version, engine.kv_cache_snapshot())
+    def _snapshot(self, events: list[KVEvent]) -> KVEventBatch:
+        # WorkerEngine.kv_snapshot has published every earlier change (and no later one),
+        # so the version now is exactly the one the snapshot reflects.
+        return KVEventBatch(self.worker_id, self.epoch, self._version, events)
 
     # --- event loop -----------------------------------------------------------------------
     def _fanout(self, batch: KVEventBatch) -> None:
@@ -95,9 +94,9 @@ class KVEventPublisher:
                 self._subscribers.discard(sub)
                 sub.end()
 
-    async def subscribe(self, engine: AsyncEngine) -> AsyncIterator[bytes]:
+    async def subscribe(self, engine: WorkerEngine) -> AsyncIterator[bytes]:
         """The NDJSON lines of one subscription: the snapshot, then live batches. Raises
-        (before the first line) what AsyncEngine.call raises when the engine is not ready."""
+        (before the first line) EngineDeadError when the engine is not ready."""
         sub = _Subscriber(self.max_queued)
         # Registered before the snapshot is taken: every batch numbered after it is queued
         # here (batches up to its version may be queued too, and are skipped).
@@ -106,7 +105,7 @@ class KVEventPublisher:
         else:
             self._subscribers.add(sub)
         try:
-            snapshot = await engine.call(self._snapshot)
+            snapshot = await engine.kv_snapshot(self._snapshot)
         except BaseException:
             self._subscribers.discard(sub)
             raise

@@ -1,7 +1,8 @@
 """A prefill worker's KV port: the transfer server over this worker's engine.
 
-It can only start once the model has loaded (it serves the engine's KV tensor and
-fingerprint), so it comes up behind the HTTP server; until it listens, /health says so.
+It can only start once the model has loaded (it serves the engine's KV memory and
+fingerprint, WorkerEngine.kv_memory()), so it comes up behind the HTTP server; until it
+listens, /health says so.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 from splitserve.transfer.config import TransferStats
 from splitserve.transfer.server import KVTransferServer
 from splitserve.transfer.shmfile import free_shared_kv
-from splitserve.worker.async_engine import AsyncEngine, EngineState
+from splitserve.worker.engine_api import EngineState, WorkerEngine
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.prefill_backend import EnginePrefillBackend
 
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 class KVPort:
-    def __init__(self, engine: AsyncEngine, config: WorkerConfig, stats: TransferStats):
+    def __init__(self, engine: WorkerEngine, config: WorkerConfig, stats: TransferStats):
         self.engine = engine
         self.config = config
         self.stats = stats
@@ -40,10 +41,10 @@ class KVPort:
             await asyncio.sleep(0.05)
         if self.engine.state is not EngineState.READY:
             return
-        eng = self.engine.engine
+        kv = self.engine.kv_memory()
         try:
             self.server = KVTransferServer(
-                eng.runner.kv, eng.fingerprint(), self.config.transfer, EnginePrefillBackend(self.engine),
+                kv.tensor, kv.fingerprint, self.config.transfer, EnginePrefillBackend(self.engine),
                 host=self.config.host, port=self.config.kv_port, stats=self.stats)
             _, port = self.server.start()
         except OSError as e:
@@ -59,5 +60,5 @@ class KVPort:
             self._task.cancel()
         if self.server is not None:
             self.server.close()
-        if self.engine.engine is not None:
-            free_shared_kv(self.engine.engine.runner.kv)
+        if (kv := self.engine.kv_memory()) is not None:
+            free_shared_kv(kv.tensor)

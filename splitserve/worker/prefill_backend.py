@@ -1,7 +1,7 @@
 """The prefill worker's side of a KV transfer: the engine as a transfer PrefillBackend.
 
-The transfer server calls start() on one of its threads; the prefill itself runs on the
-engine thread (AsyncEngine.submit_held) and reports each step's progress into a queue
+The transfer server calls start() on one of its threads; the prefill itself runs in the
+engine (WorkerEngine.submit_held) and reports each step's progress into a queue
 this iterator drains. NOTE: a block is announced only once the engine says it is final
 (kv_progress.num_ready_blocks), and it stays pinned until release(): the server reads
 it from the KV tensor while the engine keeps computing other blocks.
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from splitserve.engine.types import FinishReason, SamplingParams
 from splitserve.transfer.backend import BlocksReady, Done, Event, PrefillBackend, PrefillRequest, Progress
 from splitserve.transfer.protocol import FirstTokenSampling
-from splitserve.worker.async_engine import AsyncEngine
+from splitserve.worker.engine_api import HeldSink, WorkerEngine
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,12 @@ def sampling_for_prefill(params: SamplingParams) -> FirstTokenSampling:
 
 
 class EnginePrefillBackend(PrefillBackend):
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: WorkerEngine):
         self.engine = engine
 
     def start(self, request: PrefillRequest) -> Iterator[Event]:
         rid = request.request_id
-        sink: queue.SimpleQueue = queue.SimpleQueue()
+        sink: HeldSink = queue.SimpleQueue()
         self.engine.submit_held(rid, list(request.token_ids), first_token_params(request.sampling), sink)
         total = len(request.token_ids)
         sent = 0

@@ -28,7 +28,7 @@ from splitserve.engine.types import RequestOutput, SamplingParams
 from splitserve.transfer.backend import PrefillRequest
 from splitserve.transfer.client import FetchCancel, fetch_kv
 from splitserve.transfer.config import FetchResult, Outcome, TransferStats
-from splitserve.worker.async_engine import AsyncEngine, EngineDeadError
+from splitserve.worker.engine_api import EngineDeadError, WorkerEngine
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.prefill_backend import sampling_for_prefill
 from splitserve.worker.prefill_peers import PrefillPeers
@@ -48,14 +48,13 @@ class TransferFailed(RuntimeError):
 
 
 class RemotePrefill:
-    def __init__(self, engine: AsyncEngine, config: WorkerConfig, stats: TransferStats,
+    def __init__(self, engine: WorkerEngine, config: WorkerConfig, stats: TransferStats,
                  observe_seconds, peers: PrefillPeers):
         self.engine = engine
         self.config = config
         self.stats = stats
         self.peers = peers
         self._observe_seconds = observe_seconds
-        self._fingerprint: dict[str, str] | None = None
         self._pool = ThreadPoolExecutor(config.kv_fetch_threads, thread_name_prefix="kv-fetch")
         self._fetches: dict[str, FetchCancel] = {}
 
@@ -71,10 +70,8 @@ class RemotePrefill:
         engine's RequestError / CapacityError before any transfer, TransferFailed under
         --kv-fallback fail."""
         kv_address = await self.peers.resolve(request_id, target)
-        block_ids = await self.engine.call(lambda e: e.reserve(request_id, prompt, params))
-        eng = self.engine.engine
-        if self._fingerprint is None:
-            self._fingerprint = eng.fingerprint()
+        block_ids = await self.engine.reserve(request_id, prompt, params)
+        kv = self.engine.kv_memory()
         prefill = PrefillRequest(request_id, list(prompt), sampling_for_prefill(params), len(block_ids))
         logger.info("request_id=%s reserved %d KV blocks; fetching from prefill worker %s at %s:%d",
                     request_id, len(block_ids), target.worker_id, *kv_address)
@@ -82,8 +79,8 @@ class RemotePrefill:
         cancel = self._fetches[request_id] = FetchCancel()
         try:
             fetch = loop.run_in_executor(
-                self._pool, fetch_kv, kv_address, prefill, block_ids, eng.runner.kv,
-                self.config.transfer, self._fingerprint, self.stats, cancel)
+                self._pool, fetch_kv, kv_address, prefill, block_ids, kv.tensor,
+                self.config.transfer, kv.fingerprint, self.stats, cancel)
         except RuntimeError:   # the pool is shut down: the worker is stopping
             del self._fetches[request_id]
             self.engine.abort(request_id)
@@ -106,8 +103,7 @@ class RemotePrefill:
             self.engine.abort(request_id)
             raise EngineDeadError(f"KV fetch cancelled: {result.reason}")
         if result.ok:
-            return await self.engine.open_stream(
-                request_id, lambda e: e.commit_reserved(request_id, len(prompt), result.first_token))
+            return await self.engine.commit(request_id, len(prompt), result.first_token)
         return await self._fallback(request_id, prompt, result)
 
     def _record_incidents(self, request_id: str, prefill_worker: str, r: FetchResult) -> None:
@@ -122,7 +118,7 @@ class RemotePrefill:
                                 f"{r.reason}; policy {self.config.kv_fallback}", prefill_worker)
 
     async def _fallback(self, request_id: str, prompt: list[int], result: FetchResult):
-        bs = self.engine.engine.config.block_size
+        bs = self.engine.kv_memory().block_size
         reuse = min(result.blocks_verified * bs, len(prompt))
         if self.config.kv_fallback == "fail":
             logger.warning("request_id=%s KV transfer failed (%s: %s); fallback policy 'fail': "
@@ -134,5 +130,4 @@ class RemotePrefill:
                        "verified blocks (%d tokens), computing the remaining %d of %d prompt "
                        "tokens here", request_id, result.outcome.value, result.reason,
                        result.blocks_verified, reuse, len(prompt) - reuse, len(prompt))
-        return await self.engine.open_stream(
-            request_id, lambda e: e.commit_reserved(request_id, reuse, None))
+        return await self.engine.commit(request_id, reuse, None)

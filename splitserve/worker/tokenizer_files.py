@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from splitserve.worker.async_engine import AsyncEngine, EngineState
+from splitserve.worker.engine_api import EngineState, WorkerEngine
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class TokenizerFiles:
     waits for READY). `ready` is False until then; the worker reports 'loading' meanwhile,
     so a frontend that sees it ready always gets the files."""
 
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: WorkerEngine):
         self._engine = engine
         self._task: asyncio.Task | None = None
         self.encoded: bytes | None = None     # the JSON body, once read
@@ -85,7 +85,7 @@ class TokenizerFiles:
             await asyncio.sleep(0.05)
         if self._engine.state is not EngineState.READY:
             return
-        model_dir = Path(self._engine.engine.model_dir)
+        model_dir = Path(self._engine.info().model_dir)
         try:
             bundle = await asyncio.to_thread(read_tokenizer_files, model_dir)
         except (OSError, TokenizerFileError) as e:
