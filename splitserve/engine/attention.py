@@ -36,8 +36,14 @@ class PagedAttention:
         self.block_size = block_size
         self.prefills = [s for s in seqs if s.num_new > 1 or s.start == 0]
         decodes = [s for s in seqs if not (s.num_new > 1 or s.start == 0)]
-        self.slot_blocks = slot_blocks
-        self.slot_offsets = slot_offsets
+        # Where each new token's K row lives in the pool seen as [rows, H_kv * D], per
+        # layer ([L, T]); its V row is block_size rows further. One index_copy_ per layer
+        # and K/V then writes the whole batch (advanced indexing into the strided per-layer
+        # view was the costlier path).
+        num_layers, bs = kv.shape[1], block_size
+        self.flat_kv = kv.view(-1, kv.shape[-2] * kv.shape[-1])
+        self.k_rows = ((slot_blocks * (num_layers * 2 * bs) + slot_offsets)[None, :]
+                       + (torch.arange(num_layers, device=kv.device) * (2 * bs))[:, None])
         self.decode_rows = None
         if decodes:
             self._prepare_decode(decodes)
@@ -56,8 +62,10 @@ class PagedAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache = self.kv[:, layer, 0]   # [num_blocks, block_size, H_kv, D] (strided view)
         v_cache = self.kv[:, layer, 1]
-        k_cache[self.slot_blocks, self.slot_offsets] = k.to(k_cache.dtype)
-        v_cache[self.slot_blocks, self.slot_offsets] = v.to(v_cache.dtype)
+        t = k.shape[0]
+        rows = self.k_rows[layer]
+        self.flat_kv.index_copy_(0, rows, k.reshape(t, -1).to(self.flat_kv.dtype))
+        self.flat_kv.index_copy_(0, rows + self.block_size, v.reshape(t, -1).to(self.flat_kv.dtype))
         out = torch.empty_like(q)
         for s in self.prefills:
             rows = slice(s.q_start, s.q_start + s.num_new)
