@@ -10,6 +10,7 @@ pool holds exactly the blocks the batch needs (B=32 at 2000 tokens: 2.9 GB in fl
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -49,6 +50,7 @@ def run(args) -> int:
                 results.append({"dtype": dtype_name, "batch": b, "context": ctx,
                                 "kernel_ms_per_step": kernel_ms, "gather_sdpa_ms_per_step": gather_ms})
     info = machine()
+    info["load_average_1min_at_end"] = os.getloadavg()[0]
     print(f"machine: {info}")
     print_table(["dtype", "B", "ctx", "kernel ms/step", "gather+SDPA ms/step", "speedup"], rows,
                 title=f"\nattention: decode attention over {args.layers} layers per step, "
@@ -84,14 +86,17 @@ def _point(args, dtype: torch.dtype, batch: int, ctx: int) -> tuple[float, float
                                            attn_mask=mask, scale=scale, enable_gqa=True)
 
     with torch.inference_mode():
-        return _median_ms(kernel_step, args.repeats), _median_ms(gather_step, args.repeats)
+        return _median_ms_interleaved(kernel_step, gather_step, args.repeats)
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: first touch of the pool, allocator, kernel load
-    times = []
+def _median_ms_interleaved(a, b, repeats: int) -> tuple[float, float]:
+    """Median ms of a and of b, run alternately so that both see the same load on a
+    shared machine (back to back, one could get a quiet minute and the other a busy one)."""
+    a(), b()  # warm-up: first touch of the pool, allocator, kernel load
+    times_a, times_b = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return median(times) * 1e3
+        for fn, times in ((a, times_a), (b, times_b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return median(times_a) * 1e3, median(times_b) * 1e3
