@@ -57,7 +57,8 @@ class Sampled:
 
 def token_logprobs(logits: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[TokenLogprobs]:
     """logits: [N, V]; row i's sampled token_ids[i] and its ks[i] most likely tokens."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
+    # Clamped as vLLM's server does: -inf (an underflowed probability) is no JSON number.
+    lp = torch.log_softmax(logits.float(), dim=-1).clamp(min=-9999.0)
     chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
     k_max = max(ks)
     top_vals, top_ids = (lp.topk(k_max, dim=-1) if k_max else (lp[:, :0], lp[:, :0].long()))

@@ -251,7 +251,7 @@ async def _ndjson(request_id: str, outputs: AsyncIterator[RequestOutput]) -> Asy
             yield p.encode_line(p.GenerateChunk(
                 new_token_ids=out.new_token_ids, finish_reason=reason,
                 num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
-                num_transferred_tokens=out.num_transferred_tokens))
+                num_transferred_tokens=out.num_transferred_tokens, logprobs=out.logprobs))
     except (EngineDeadError, RequestFailed) as e:
         logger.error("request_id=%s failed: %s", request_id, e)
         yield p.encode_line(p.GenerateChunk(error=str(e)))

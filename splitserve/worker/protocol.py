@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from splitserve.engine.types import SamplingParams
+from splitserve.engine.types import SamplingParams, TokenLogprobs
 
 # prefill: computes prompts and serves their KV on its KV port; decode: takes requests
 # from the frontend, fetches the prompt's KV from the named prefill worker, decodes;
@@ -28,12 +28,13 @@ class Sampling(msgspec.Struct, forbid_unknown_fields=True):
     seed: int | None = None
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, seed=self.seed, stop_token_ids=tuple(self.stop_token_ids),
-            ignore_eos=self.ignore_eos)
+            ignore_eos=self.ignore_eos, logprobs=self.logprobs)
 
 
 class PrefillTarget(msgspec.Struct, forbid_unknown_fields=True):
@@ -65,6 +66,8 @@ class GenerateChunk(msgspec.Struct, omit_defaults=True):
     num_cached_tokens: int = 0
     num_transferred_tokens: int = 0     # prompt tokens whose KV came from a prefill worker
     error: str | None = None
+    # One per new token when the request asked for logprobs (the engine's own type).
+    logprobs: list[TokenLogprobs] | None = None
 
 
 class WorkerError(msgspec.Struct, omit_defaults=True):
