@@ -250,6 +250,9 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   const int64_t total = first[B];
   // Below kSerialRows the call is a few tens of microseconds: less than waking the thread
   // pool, or waiting for a descheduled worker on a busy machine.
+  // (lazy_init first, as parallel_for does: in a thread that has not yet run a parallel
+  // op, the OpenMP count is not yet torch's setting)
+  at::internal::lazy_init_num_threads();
   const int64_t threads = rows < kSerialRows ? 1 : std::min<int64_t>(at::get_num_threads(), total);
 
   // Two slots per thread: only its first piece can start inside a sequence and only its
