@@ -129,7 +129,7 @@ def test_over_long_request_is_refused_with_vllms_wording(client):
     ({"max_tokens": 0}, "max_tokens"),
     ({"extra_body": {"top_k": "many"}}, "top_k"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
-    ({"logprobs": True}, "logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
 ])
 def test_invalid_parameters_are_400_naming_the_parameter(client, kw, param):
     with pytest.raises(openai.BadRequestError) as e:

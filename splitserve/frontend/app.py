@@ -238,7 +238,8 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None, *,
         reasoning = splitter_for(fe.config.reasoning_parser, fe.tokenizer, prompt) if shape.chat else None
         if body.stream:
             return StreamingResponse(stream_events(shape, gen, info.model_name, body.include_usage,
-                                                   reasoning), media_type="text/event-stream")
-        return await full_response(shape, gen, info.model_name, reasoning)
+                                                   reasoning, fe.tokenizer),
+                                     media_type="text/event-stream")
+        return await full_response(shape, gen, info.model_name, reasoning, fe.tokenizer)
 
     return app

@@ -15,8 +15,8 @@ is replaced by *migration*: the request is re-sent, routed afresh, as prompt + e
 token generated so far, with max_tokens reduced by that many and the same sampling. The
 detokenizer, stop strings and counts live here, not in the worker, so the client sees
 one uninterrupted stream and usage counts the original prompt and all generated tokens.
-Greedy output is identical to an undisturbed run; a seeded sampled one is not (the
-new worker's generator restarts from the seed).
+Greedy output is identical to an undisturbed run, and so is a seeded sampled one (each
+token's randomness comes from the seed and its position, see engine/sampler.py).
 
 Leaving `deltas()` early (stop string hit, client gone) closes the worker stream, which
 aborts the request in the worker and frees its KV blocks.
@@ -28,10 +28,11 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
+from splitserve.engine.types import TokenLogprobs
 from splitserve.frontend.admission import AdmissionQueue
 from splitserve.frontend.detokenizer import IncrementalDetokenizer
 from splitserve.frontend.errors import OpenAIError, bad_gateway, bad_request, unavailable
@@ -51,6 +52,9 @@ CLIENT_GONE = "499"  # requests_total status for a client that left before the e
 class Delta:
     text: str
     finish_reason: str | None = None
+    # The logprobs of the tokens that arrived with this delta (its text may lag them:
+    # partial characters and possible stop strings are held back).
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 class Generation:
@@ -64,6 +68,7 @@ class Generation:
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_generated_tokens = 0
         self.num_migrations = 0
+        self.logprobs_requested = request.sampling.logprobs is not None
         self._generated: list[int] = []
         self._num_transferred_tokens = 0
         self._client = client
@@ -189,8 +194,8 @@ class Generation:
                 self._num_transferred_tokens = chunk.num_transferred_tokens
             if self._stop.stopped:
                 reason = "stop"
-            if text or reason:
-                yield Delta(text, reason)
+            if text or reason or chunk.logprobs:
+                yield Delta(text, reason, chunk.logprobs or [])
             if reason is not None:
                 return
 

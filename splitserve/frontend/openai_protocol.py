@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
-from splitserve.engine.types import MAX_TOKEN_ID, SEED_MAX, SEED_MIN
+from splitserve.engine.types import MAX_LOGPROBS, MAX_TOKEN_ID, SEED_MAX, SEED_MIN
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 # OpenAI's chat roles without tools: 'tool' and 'function' messages answer tool calls,
@@ -93,7 +93,7 @@ class _SamplingFields(_Strict):
     def unsupported(self) -> str | None:
         """Name of a field set to a value we cannot honour, if any."""
         extra = self.model_extra or {}
-        for name in ("logprobs", "top_logprobs", "echo", "suffix", "tools", "response_format"):
+        for name in ("echo", "suffix", "tools", "response_format"):
             if extra.get(name) not in (None, False, [], 0):
                 return name
         if extra.get("best_of") not in (None, 1):
@@ -129,6 +129,14 @@ class ChatMessage(_Strict):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    def requested_logprobs(self) -> int | None:
+        """How many top logprobs per token (0: the sampled token's only); None: none."""
+        if not self.logprobs:
+            return None
+        return self.top_logprobs or 0
 
     def requested_max_tokens(self) -> int | None:
         # max_completion_tokens is OpenAI's newer name; it wins when both are given.
@@ -141,6 +149,11 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: Annotated[Any, AfterValidator(_check_prompt)]
+    # OpenAI allows 0-5; vLLM (and we) up to its --max-logprobs default, 20.
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

@@ -17,6 +17,7 @@ from fastapi.responses import Response
 
 from splitserve.frontend.errors import OpenAIError
 from splitserve.frontend.generation import Delta, Generation
+from splitserve.frontend.logprobs import LogprobsFormatter
 from splitserve.frontend.reasoning import ReasoningDelta, ReasoningSplitter
 
 DONE = b"data: [DONE]\n\n"
@@ -40,21 +41,22 @@ class Shape:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
     def stream_choice(self, text: str | None, finish_reason: str | None, first: bool = False,
-                      reasoning: str | None = None) -> dict:
+                      reasoning: str | None = None, logprobs: dict | None = None) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         delta: dict = {"role": "assistant"} if first else {}
         if reasoning:
             delta["reasoning_content"] = reasoning
         if text is not None:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def final_choice(self, text: str | None, finish_reason: str | None) -> dict:
+    def final_choice(self, text: str | None, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"index": 0, "message": {"role": "assistant", "content": text},
-                "logprobs": None, "finish_reason": finish_reason}
+                "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 CHAT = Shape(chat=True)
@@ -85,22 +87,27 @@ def _sse(obj: dict) -> bytes:
 
 
 async def full_response(shape: Shape, gen: Generation, model: str,
-                        reasoning: ReasoningSplitter | None = None) -> Response:
+                        reasoning: ReasoningSplitter | None = None, tokenizer=None) -> Response:
+    """tokenizer: turns logprobs' token ids into text (needed when the request asked for logprobs)."""
     parts: list[str] = []
     thoughts: list[str] = []
+    entries = []
     finish_reason = None
     try:
         async for delta in gen.deltas():
             split = _split(reasoning, gen, delta)
             parts.append(split.content)
             thoughts.append(split.reasoning)
+            entries.extend(delta.logprobs)
             finish_reason = delta.finish_reason
     except OpenAIError as e:  # already counted by the Generation
         return e.response()
+    logprobs = (LogprobsFormatter(tokenizer, shape.chat).format(entries)
+                if gen.logprobs_requested else None)
     if reasoning is None:
-        choice = shape.final_choice("".join(parts), finish_reason)
+        choice = shape.final_choice("".join(parts), finish_reason, logprobs)
     else:   # as vLLM: a part that is empty is null
-        choice = shape.final_choice("".join(parts) or None, finish_reason)
+        choice = shape.final_choice("".join(parts) or None, finish_reason, logprobs)
         choice["message"]["reasoning_content"] = "".join(thoughts) or None
     body = {"id": shape.response_id(gen.request_id), "object": shape.object_name, "created": int(time.time()),
             "model": model, "choices": [choice], "usage": _usage(gen, reasoning)}
@@ -108,8 +115,10 @@ async def full_response(shape: Shape, gen: Generation, model: str,
 
 
 async def stream_events(shape: Shape, gen: Generation, model: str, include_usage: bool,
-                        reasoning: ReasoningSplitter | None = None) -> AsyncIterator[bytes]:
+                        reasoning: ReasoningSplitter | None = None,
+                        tokenizer=None) -> AsyncIterator[bytes]:
     created = int(time.time())
+    formatter = LogprobsFormatter(tokenizer, shape.chat) if gen.logprobs_requested else None
 
     def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
         body = {"id": shape.response_id(gen.request_id), "object": shape.chunk_object_name, "created": created,
@@ -123,9 +132,10 @@ async def stream_events(shape: Shape, gen: Generation, model: str, include_usage
     try:
         async for delta in gen.deltas():
             split = _split(reasoning, gen, delta)
-            if split.content or split.reasoning:
+            logprobs = formatter.format(delta.logprobs) if formatter and delta.logprobs else None
+            if split.content or split.reasoning or logprobs:
                 yield chunk([shape.stream_choice(split.content or None, None,
-                                                 reasoning=split.reasoning)])
+                                                 reasoning=split.reasoning, logprobs=logprobs)])
             if delta.finish_reason is not None:
                 yield chunk([shape.stream_choice(None if shape.chat else "", delta.finish_reason)])
     except OpenAIError as e:  # headers are sent: the error travels as an event (as vLLM does)
