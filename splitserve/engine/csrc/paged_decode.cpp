@@ -52,6 +52,7 @@ inline Vec load_float(const T* p, int64_t count) {
   }
 }
 
+// One call's pointers, shapes and strides (strides in elements).
 template <typename q_t, typename kv_t>
 struct Problem {
   const q_t* q;
@@ -71,7 +72,7 @@ struct State {
   float* l;
 };
 
-// Asks for one row (D values) of the next block, a cache line at a time.
+// Asks for one row (D values) of a later block, a cache line at a time.
 template <typename kv_t>
 inline void prefetch_row(const kv_t* row, int64_t row_bytes) {
   const char* r = reinterpret_cast<const char*>(row);
@@ -106,9 +107,10 @@ void attend_piece(const Problem<q_t, kv_t>& p, int64_t b, int64_t j0, int64_t j1
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t blk = p.tables[b * p.max_blocks + j];
     const int64_t n = std::min(bs, len - j * bs);
-    // The next block is elsewhere in the pool (its own pages), where the hardware
-    // prefetcher has no history: its rows are asked for one per row computed here, spread
-    // so the requests never outrun the core's outstanding-miss slots.
+    // Later blocks are elsewhere in the pool (their own pages), where the hardware
+    // prefetcher has no history: the rows of the block two ahead (one ahead arrived too
+    // late from DRAM) are asked for one per row computed here, spread so the requests
+    // never outrun the core's outstanding-miss slots (all at once measured no gain).
     const int64_t next_n = j + 2 < j1 ? std::min(bs, len - (j + 2) * bs) : 0;
     const int64_t next_blk = next_n ? p.tables[b * p.max_blocks + j + 2] : 0;
     for (int64_t kh = 0; kh < p.Hkv; ++kh) {
