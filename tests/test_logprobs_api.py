@@ -128,3 +128,11 @@ def test_out_of_range_logprobs_are_a_400_naming_the_parameter(aggregated, body, 
     resp = httpx.post(f"{aggregated.base_url}/v1/{path}", json={"max_tokens": 2, **body}, timeout=30)
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"]["param"] == param
+
+
+def test_seeded_logprobs_are_identical_disaggregated_and_aggregated(aggregated, disagg):
+    seeded = dict(temperature=0.8, seed=3)
+    for stream in (False, True):
+        assert _close(_chat_logprobs(disagg, stream, **seeded), _chat_logprobs(aggregated, stream, **seeded))
+        assert _close(_completion_logprobs(disagg, stream, **seeded),
+                      _completion_logprobs(aggregated, stream, **seeded))

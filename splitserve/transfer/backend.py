@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
-from splitserve.transfer.protocol import FirstTokenSampling
+from splitserve.transfer.protocol import FirstTokenLogprobs, FirstTokenSampling
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class Progress:
 @dataclass(frozen=True)
 class Done:
     first_token: int
+    logprobs: FirstTokenLogprobs | None = None   # set when the request asked for logprobs
 
 
 Event = Union[BlocksReady, Progress, Done]

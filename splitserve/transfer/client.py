@@ -102,6 +102,7 @@ class _Fetch:
         self.verified = bytearray(self.n)
         self.upto = 0                     # verified prefix length
         self.first_token: int | None = None
+        self.first_logprobs: proto.FirstTokenLogprobs | None = None
         self.bytes = self.resumes = self.checksum_failures = self.sessions = 0
         self.connected = False            # did the latest attempt reach P at all?
         self.heard = False                # did P say it is alive (PROGRESS) in the latest session?
@@ -295,7 +296,7 @@ class _Fetch:
             elif isinstance(msg, proto.Done):
                 if msg.num_blocks != self.n:
                     raise proto.ProtocolError(f"DONE for {msg.num_blocks} blocks, expected {self.n}")
-                self.first_token, done = msg.first_token, True
+                self.first_token, self.first_logprobs, done = msg.first_token, msg.first_logprobs, True
             elif isinstance(msg, proto.Refuse):   # P checks PREFILL after HELLO_OK
                 raise _refused(msg)
             elif isinstance(msg, proto.Error):
@@ -369,7 +370,8 @@ def fetch_kv(addr: tuple[str, int], request: PrefillRequest, dest_blocks: Sequen
             f.cancel.wait(pause)
     result = FetchResult(outcome, reason, f.upto, f.first_token if outcome is Outcome.OK else None,
                          f.bytes, f.resumes, f.checksum_failures, time.monotonic() - t0,
-                         f.transport_name)
+                         f.transport_name,
+                         f.first_logprobs if outcome is Outcome.OK else None)
     if result.ok:
         log.info("request %s: KV transfer ok: %d blocks, %d bytes in %.3fs (%d resumes, %d "
                  "checksum failures)", f.rid, f.n, f.bytes, result.seconds, f.resumes,

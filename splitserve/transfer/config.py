@@ -94,6 +94,7 @@ class FetchResult:
     checksum_failures: int
     seconds: float
     transport: str
+    first_logprobs: object = None   # protocol.FirstTokenLogprobs, when OK and asked for
 
     @property
     def ok(self) -> bool:

@@ -112,7 +112,7 @@ class Connection:
                 position, tokens_ahead = self.server.queue_status(job)
                 self.ch.send(proto.Progress(job.rid, action[1], action[2], position, tokens_ahead))
             elif kind == "done":
-                self.ch.send(proto.Done(job.rid, action[1], job.request.num_blocks))
+                self.ch.send(proto.Done(job.rid, action[1], job.request.num_blocks, job.first_logprobs))
             elif kind == "error":
                 self.ch.send(proto.Error(action[1]))
                 self.server.release(job, "prefill failed", expired=False)

@@ -35,6 +35,7 @@ class Job:
         self.progress_seq = 0             # bumps on every Progress: "the engine is alive"
         self.tokens_total = len(request.token_ids)
         self.first_token: int | None = None
+        self.first_logprobs = None        # protocol.FirstTokenLogprobs, with first_token
         self.error: str | None = None
         self.released = False
         self.conn = None                  # the connection currently serving D, if any
@@ -72,6 +73,7 @@ class Job:
                             raise RuntimeError(f"Done after {len(self.ids)} of {n} blocks")
                         self.tokens_done = self.tokens_total
                         self.first_token = ev.first_token
+                        self.first_logprobs = ev.logprobs
                     self.cond.notify_all()
                 if isinstance(ev, Done):
                     break

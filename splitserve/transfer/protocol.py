@@ -51,6 +51,7 @@ MAX_TOKEN_ID = (1 << 31) - 1
 MAX_STOP_TOKEN_IDS = 1024
 
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
+MAX_LOGPROBS = 20   # engine.types.MAX_LOGPROBS (this protocol imports nothing of the engine)
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")]
 Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
 Fingerprint = Annotated[dict[Annotated[str, msgspec.Meta(max_length=64)],
@@ -117,6 +118,16 @@ class FirstTokenSampling(msgspec.Struct, forbid_unknown_fields=True):
     seed: Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)] | None = None
     stop_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)] = []
     ignore_eos: bool = False
+    # How many top logprobs D's client asked for (None: none): P computes the first token's.
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+
+
+class FirstTokenLogprobs(msgspec.Struct, forbid_unknown_fields=True):
+    """The first token's log-probability and the top (token id, logprob) pairs, most
+    likely first, as P's engine computed them (the engine's TokenLogprobs on the wire)."""
+
+    logprob: float
+    top: Annotated[list[tuple[TokenId, float]], msgspec.Meta(max_length=MAX_LOGPROBS)] = []
 
 
 class Prefill(msgspec.Struct, tag="prefill"):
@@ -152,6 +163,7 @@ class Done(msgspec.Struct, tag="done"):
     request_id: str
     first_token: int
     num_blocks: int
+    first_logprobs: FirstTokenLogprobs | None = None   # when PREFILL asked for logprobs
 
 
 class Ack(msgspec.Struct, tag="ack"):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
 from splitserve.engine.llm_engine import LLMEngine
-from splitserve.engine.types import EngineStats, FinishReason, RequestOutput, SamplingParams
+from splitserve.engine.types import EngineStats, FinishReason, RequestOutput, SamplingParams, TokenLogprobs
 from splitserve.kvtypes.events import KVEvent
 from splitserve.worker.engine_api import (
     EngineDeadError, EngineInfo, EngineState, HeldSink, KVMemory, RequestError, RequestFailed,
@@ -111,10 +111,11 @@ class AsyncEngine(WorkerEngine):
                       params: SamplingParams) -> list[int]:
         return await self._call(lambda e: e.reserve(request_id, prompt_token_ids, params))
 
-    async def commit(self, request_id: str, num_computed_tokens: int,
-                     first_token: int | None) -> AsyncIterator[RequestOutput]:
+    async def commit(self, request_id: str, num_computed_tokens: int, first_token: int | None,
+                     first_logprobs: TokenLogprobs | None = None) -> AsyncIterator[RequestOutput]:
         return await self._open_stream(
-            request_id, lambda e: e.commit_reserved(request_id, num_computed_tokens, first_token))
+            request_id, lambda e: e.commit_reserved(request_id, num_computed_tokens, first_token,
+                                                    first_logprobs))
 
     async def kv_snapshot(self, take: Callable[[list[KVEvent]], T]) -> T:
         def flush_then_take(engine: LLMEngine) -> T:

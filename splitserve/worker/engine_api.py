@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from splitserve.engine.llm_engine import CapacityError, RequestError
-from splitserve.engine.types import EngineStats, RequestOutput, SamplingParams
+from splitserve.engine.types import EngineStats, RequestOutput, SamplingParams, TokenLogprobs
 from splitserve.kvtypes.events import KVEvent
 
 if TYPE_CHECKING:
@@ -142,11 +142,12 @@ class WorkerEngine(ABC):
         alone until commit() or abort(). Raises RequestError, CapacityError."""
 
     @abstractmethod
-    async def commit(self, request_id: str, num_computed_tokens: int,
-                     first_token: int | None) -> AsyncIterator[RequestOutput]:
+    async def commit(self, request_id: str, num_computed_tokens: int, first_token: int | None,
+                     first_logprobs: TokenLogprobs | None = None) -> AsyncIterator[RequestOutput]:
         """The reserved blocks hold verified KV for prompt tokens [0, num_computed_tokens).
         With first_token the prefill is complete and decoding starts; without it the
-        engine computes the rest of the prompt itself. Returns the output stream."""
+        engine computes the rest of the prompt itself. first_logprobs: the first token's,
+        from the peer that sampled it. Returns the output stream."""
 
     @abstractmethod
     def abort(self, request_id: str) -> None:

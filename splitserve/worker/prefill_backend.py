@@ -13,9 +13,9 @@ import logging
 import queue
 from collections.abc import Iterator
 
-from splitserve.engine.types import FinishReason, SamplingParams
+from splitserve.engine.types import FinishReason, SamplingParams, TokenLogprobs
 from splitserve.transfer.backend import BlocksReady, Done, Event, PrefillBackend, PrefillRequest, Progress
-from splitserve.transfer.protocol import FirstTokenSampling
+from splitserve.transfer.protocol import FirstTokenLogprobs, FirstTokenSampling
 from splitserve.worker.engine_api import HeldSink, WorkerEngine
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def first_token_params(sampling: FirstTokenSampling) -> SamplingParams:
     return SamplingParams(max_tokens=1, temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k, seed=sampling.seed,
                           stop_token_ids=tuple(sampling.stop_token_ids),
-                          ignore_eos=sampling.ignore_eos)
+                          ignore_eos=sampling.ignore_eos, logprobs=sampling.logprobs)
 
 
 def sampling_for_prefill(params: SamplingParams) -> FirstTokenSampling:
@@ -41,7 +41,15 @@ def sampling_for_prefill(params: SamplingParams) -> FirstTokenSampling:
     return FirstTokenSampling(temperature=params.temperature, top_p=params.top_p,
                               top_k=params.top_k, seed=params.seed,
                               stop_token_ids=list(params.stop_token_ids),
-                              ignore_eos=params.ignore_eos)
+                              ignore_eos=params.ignore_eos, logprobs=params.logprobs)
+
+
+def logprobs_to_wire(lp: TokenLogprobs | None) -> FirstTokenLogprobs | None:
+    return None if lp is None else FirstTokenLogprobs(lp.logprob, list(lp.top))
+
+
+def logprobs_from_wire(token_id: int, lp: FirstTokenLogprobs | None) -> TokenLogprobs | None:
+    return None if lp is None else TokenLogprobs(token_id, lp.logprob, tuple(lp.top))
 
 
 class EnginePrefillBackend(PrefillBackend):
@@ -68,7 +76,7 @@ class EnginePrefillBackend(PrefillBackend):
                     raise PrefillAborted(f"request_id={rid} prefill ended without a first token")
                 logger.info("request_id=%s prefill done: %d tokens (%d cached), %d blocks",
                             rid, total, item.num_cached_tokens, sent)
-                yield Done(item.new_token_ids[0])
+                yield Done(item.new_token_ids[0], logprobs_to_wire((item.logprobs or [None])[0]))
                 return
 
     def release(self, request_id: str) -> None:

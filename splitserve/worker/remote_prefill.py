@@ -30,7 +30,7 @@ from splitserve.transfer.client import FetchCancel, fetch_kv
 from splitserve.transfer.config import FetchResult, Outcome, TransferStats
 from splitserve.worker.engine_api import EngineDeadError, WorkerEngine
 from splitserve.worker.config import WorkerConfig
-from splitserve.worker.prefill_backend import sampling_for_prefill
+from splitserve.worker.prefill_backend import logprobs_from_wire, sampling_for_prefill
 from splitserve.worker.prefill_peers import PrefillPeers
 from splitserve.worker.protocol import PrefillTarget
 
@@ -103,7 +103,9 @@ class RemotePrefill:
             self.engine.abort(request_id)
             raise EngineDeadError(f"KV fetch cancelled: {result.reason}")
         if result.ok:
-            return await self.engine.commit(request_id, len(prompt), result.first_token)
+            return await self.engine.commit(
+                request_id, len(prompt), result.first_token,
+                logprobs_from_wire(result.first_token, result.first_logprobs))
         return await self._fallback(request_id, prompt, result)
 
     def _record_incidents(self, request_id: str, prefill_worker: str, r: FetchResult) -> None:
