@@ -168,6 +168,8 @@ def _bad_inputs():
         "cache rows not contiguous": (q, *(torch.randn(*k.shape[:3], 2 * D)[..., ::2] for _ in "kv"),
                                       tables, lens),
         "q not 3-d": (q[None], k, v, tables, lens),
+        "block table on another device": (q, k, v, tables.to("meta"), lens),
+        "lengths on another device": (q, k, v, tables, lens.to("meta")),
     }
 
 

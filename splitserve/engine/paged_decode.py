@@ -119,9 +119,9 @@ def _check_metadata(q, k_cache, v_cache, block_tables, seq_lens) -> None:
             f"{tuple(block_tables.shape)} {block_tables.dtype}")
     if seq_lens.shape != (b,) or seq_lens.dtype not in _INDEX_DTYPES:
         bad(f"seq_lens must be [B={b}] int32/int64, got {tuple(seq_lens.shape)} {seq_lens.dtype}")
-    devices = {t.device for t in (q, k_cache, v_cache)}
-    if len(devices) != 1:
-        bad(f"q and the caches must be on one device, got {sorted(map(str, devices))}")
+    devices = {t.device for t in (q, k_cache, v_cache, block_tables, seq_lens)}
+    if len(devices) != 1:  # the kernel reads every one of them through a CPU pointer
+        bad(f"q, the caches, block_tables and seq_lens must be on one device, got {sorted(map(str, devices))}")
 
 
 def _check_values(tables: torch.Tensor, lens: torch.Tensor, num_blocks: int, bs: int) -> None:
