@@ -50,10 +50,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """softmax(q K^T * scale) V for one query token per sequence, over its paged KV.
 
     q: [B, Hq, D] float32/bfloat16/float16 (any strides). k_cache, v_cache: [num_blocks,
-    block_size, Hkv, D], one dtype, unit stride on the last dim (e.g. kv[:, layer, 0] of
-    the engine's pool), Hq % Hkv == 0. block_tables: [B, max_blocks] int32/int64; entries
+    block_size, Hkv, D], both float32, bfloat16 or float16 (q's dtype may differ), unit
+    stride on the last dim (e.g. kv[:, layer, 0] of the engine's pool), Hq % Hkv == 0. block_tables: [B, max_blocks] int32/int64; entries
     past a sequence's ceil(len / block_size) blocks are padding and never read.
     seq_lens: [B] integer, 1 <= len <= max_blocks * block_size. scale defaults to D**-0.5.
+    All on one device; off the CPU (or without the kernel) the gather + SDPA path runs.
     Returns [B, Hq, D] in q's dtype. Raises PagedDecodeInputError on invalid input.
     """
     _check_metadata(q, k_cache, v_cache, block_tables, seq_lens)
@@ -77,7 +78,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 def gather_sdpa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """The same attention by copying each sequence's blocks into a padded [B, S] tensor and
-    running masked SDPA: the path the engine took before the kernel, and its reference."""
+    running masked SDPA: the path the engine took before the kernel, and its fallback."""
     bs = k_cache.shape[1]
     tables = block_tables.to(torch.int64)
     lens = seq_lens.to(torch.int64).to(tables.device)
