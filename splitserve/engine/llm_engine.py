@@ -16,6 +16,7 @@ from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.request import Request, RequestStatus
 from splitserve.engine.sampler import SampleFailure
 from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.errors import CapacityError, RequestError
 from splitserve.engine.types import (EngineStats, FinishReason, KVProgress, RequestOutput,
                                      SamplingParams, TokenLogprobs)
 from splitserve.model.config import ModelArchConfig
@@ -24,18 +25,6 @@ from splitserve.model.registry import DEFAULT_MODEL_NAME, resolve_model
 from splitserve.kvtypes.events import KVEvent
 
 logger = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """A request the engine cannot accept; the message says why, `param` names the field."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-class CapacityError(RuntimeError):
-    """The KV pool cannot hold a reservation right now (admission control on decode)."""
 
 
 class LLMEngine:

@@ -15,9 +15,11 @@ The calls, by use:
 - KV cache events: every change goes to on_kv_events as it happens; kv_snapshot()
   hands over the whole prefix cache, meeting that stream exactly.
 
-Refusals are the engine's named errors, re-exported here: RequestError (the request is
-invalid: 400), CapacityError (no room now: 503). EngineDeadError: the engine cannot serve
-at all; RequestFailed: it failed one request and serves on.
+The seam speaks splitserve.engine's value types and errors only (types.py, errors.py):
+importing it loads no engine code, no model and no torch. Refusals are those errors,
+re-exported here: RequestError (the request is invalid: 400), CapacityError (no room
+now: 503). EngineDeadError: the engine cannot serve at all; RequestFailed: it failed one
+request and serves on.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from splitserve.engine.llm_engine import CapacityError, RequestError
+from splitserve.engine.errors import CapacityError, RequestError
 from splitserve.engine.types import EngineStats, RequestOutput, SamplingParams, TokenLogprobs
 from splitserve.kvtypes.events import KVEvent
 
