@@ -43,14 +43,14 @@ def poison(monkeypatch, eng, victim: SamplingParams, after: int = 0, how: str = 
     seen = {"n": 0}
     sample, sample_row = eng.runner.sampler.sample, Sampler._sample_row
 
-    def poisoned(logits, params, generators):
+    def poisoned(logits, params, generators, **kw):
         logits = logits.clone()
         for i, p in enumerate(params):
             if p is victim:
                 seen["n"] += 1
                 if how == "nan" and seen["n"] > after:
                     logits[i] = float("nan")
-        return sample(logits, params, generators)
+        return sample(logits, params, generators, **kw)
 
     def raising(logits, p, gen):
         if p is victim and seen["n"] > after:
@@ -192,12 +192,12 @@ def test_over_http_the_failed_request_is_a_clear_error_and_the_worker_serves_on(
     # The victim is whichever request asks for seed 4242 (the frontend builds its params).
     sample = eng.runner.sampler.sample
 
-    def poisoned(logits, params, generators):
+    def poisoned(logits, params, generators, **kw):
         logits = logits.clone()
         for i, p in enumerate(params):
             if p.seed == 4242:
                 logits[i] = float("nan")
-        return sample(logits, params, generators)
+        return sample(logits, params, generators, **kw)
 
     monkeypatch.setattr(eng.runner.sampler, "sample", poisoned)
     fatal: list[str] = []

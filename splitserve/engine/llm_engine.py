@@ -93,6 +93,10 @@ class LLMEngine:
         if bad is not None:
             raise RequestError(f"stop token id {bad} is outside the vocabulary [0, {vocab})",
                                "stop_token_ids")
+        bad = next((t for t, _ in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise RequestError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})",
+                               "logit_bias")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(

@@ -56,5 +56,5 @@ class ModelRunner:
             return {}
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
         tokens = self.sampler.sample(logits, [r.params for r in sampled_reqs],
-                                     [r.generator for r in sampled_reqs])
+                                     [r.generator for r in sampled_reqs], requests=sampled_reqs)
         return {r.request_id: t for r, t in zip(sampled_reqs, tokens)}

@@ -24,6 +24,7 @@ import torch
 
 from dataclasses import dataclass
 
+from splitserve.engine.logits_processors import process_row
 from splitserve.engine.types import SamplingParams, TokenLogprobs
 
 
@@ -88,10 +89,19 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[torch.Generator | None]) -> list[Sampled | SampleFailure]:
-        """logits: [N, V] float32 (on any device); one token, or the row's failure, per row."""
-        logits = logits.float()
-        finite = torch.isfinite(logits).all(-1).tolist()
+               generators: list[torch.Generator | None],
+               requests: list | None = None) -> list[Sampled | SampleFailure]:
+        """logits: [N, V] float32 (on any device); one token, or the row's failure, per row.
+        requests: the rows' engine Requests, whose token history penalties and min_tokens
+        read (logits_processors.py); None only where no row's params process logits."""
+        raw = logits.float()
+        finite = torch.isfinite(raw).all(-1).tolist()
+        logits = raw
+        if any(p.processes_logits for p in params):
+            logits = raw.clone()
+            for i, p in enumerate(params):
+                if p.processes_logits and finite[i]:
+                    logits[i] = process_row(raw[i], requests[i])
         out: list[int | SampleFailure] = [
             0 if ok else SampleFailure("the model produced non-finite logits (NaN or infinity)")
             for ok in finite]
@@ -109,7 +119,7 @@ class Sampler:
                 out[i] = e
             except Exception as e:  # noqa: BLE001 - any error here is this row's alone
                 out[i] = SampleFailure(f"sampling failed: {type(e).__name__}: {e}")
-        return self._with_logprobs(logits, params, out)
+        return self._with_logprobs(raw, params, out)
 
     @staticmethod
     def _with_logprobs(logits: torch.Tensor, params: list[SamplingParams],

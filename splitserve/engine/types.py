@@ -16,6 +16,7 @@ MAX_TOKEN_ID = 2**31 - 1
 MAX_STOP_TOKEN_IDS = 1024
 SEED_MIN, SEED_MAX = -2**63, 2**63 - 1   # torch.Generator's range (vLLM's bounds too)
 MAX_LOGPROBS = 20   # vLLM's default --max-logprobs; OpenAI's top_logprobs bound too
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 class SamplingError(ValueError):
@@ -53,6 +54,18 @@ class SamplingParams:
     # None: no logprobs. k >= 0: the sampled token's logprob and the k most likely
     # tokens' (chat top_logprobs, completions logprobs).
     logprobs: int | None = None
+    # As vLLM defines them (engine/logits_processors.py applies them): presence and
+    # frequency penalise tokens already generated, repetition every token of prompt and
+    # output; logit_bias adds to chosen tokens' logits; before min_tokens tokens are out,
+    # EOS and stop_token_ids cannot be sampled.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    # The last this-many prompt tokens are output an earlier worker generated (a migrated
+    # request is re-sent as prompt + output so far): penalties count them as output.
+    resumed_output_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -76,6 +89,30 @@ class SamplingParams:
                                 f"{bad!r}", "stop_token_ids")
         if not isinstance(self.ignore_eos, bool):
             raise SamplingError(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", "ignore_eos")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise SamplingError(f"{name} must be in [-2, 2], got {value!r}", name)
+        # vLLM: greater than zero; bounded here only to keep out infinities.
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= MAX_TEMPERATURE:
+            raise SamplingError(f"repetition_penalty must be greater than 0 (at most "
+                                f"{MAX_TEMPERATURE:g}), got {self.repetition_penalty!r}",
+                                "repetition_penalty")
+        if not isinstance(self.logit_bias, tuple) or len(self.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+            raise SamplingError(f"logit_bias must map at most {MAX_LOGIT_BIAS_ENTRIES} token ids "
+                                "to biases", "logit_bias")
+        for entry in self.logit_bias:
+            if (not isinstance(entry, tuple) or len(entry) != 2 or not _is_int(entry[0])
+                    or not 0 <= entry[0] <= MAX_TOKEN_ID or not _is_number(entry[1])
+                    or not -100.0 <= entry[1] <= 100.0):
+                raise SamplingError(f"logit_bias maps token ids in [0, {MAX_TOKEN_ID}] to "
+                                    f"numbers in [-100, 100], got {entry!r}", "logit_bias")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise SamplingError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got "
+                                f"{self.min_tokens!r}", "min_tokens")
+        if not _is_int(self.resumed_output_tokens) or not 0 <= self.resumed_output_tokens <= MAX_TOKEN_ID:
+            raise SamplingError(f"resumed_output_tokens must be a non-negative integer, got "
+                                f"{self.resumed_output_tokens!r}", "resumed_output_tokens")
         if self.logprobs is not None and (not _is_int(self.logprobs)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise SamplingError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
@@ -84,6 +121,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
+
+    @property
+    def processes_logits(self) -> bool:
+        """True when a penalty, a bias or min_tokens changes this request's logits."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
 
 @dataclass(frozen=True)
