@@ -17,7 +17,8 @@ import httpx
 import msgspec
 
 from splitserve.frontend.workers import WorkerStatus
-from splitserve.router import KVIndex, decode_batch
+from splitserve.kvtypes.events import decode_batch
+from splitserve.router import KVIndex
 
 logger = logging.getLogger(__name__)
 
