@@ -2,8 +2,9 @@
 prefill worker on "host" 127.0.0.2, a decode worker on "host" 127.0.0.3, a frontend,
 file discovery, one shared secret. Doctor is all ✔; then each injected fault is named,
 with its worker: a worker advertising 127.0.0.1, a prefill worker serving another model,
-a worker with another secret, a prompt over the context limit, a decode worker whose
-fetch fell back (the incident carries the request id).
+a worker with another secret, a prefill worker whose KV port takes no connection, a
+prompt over the context limit, a decode worker whose fetch fell back (the incident
+carries the request id).
 
 Each fault test adds its own worker to the shared discovery and removes it again, so the
 base deployment is all ✔ before and after every test.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -220,6 +222,45 @@ def test_worker_with_another_secret_is_named(deployment, tiny_llama_dir, capsys)
     _wait(lambda: not (deployment["dir"] / "p-secret.json").exists(), "p-secret deregistered")
 
 
+def keep_listed(discovery: Path, worker_id: str, source: str | None = None, **changes) -> None:
+    """Writes worker_id's record (source's record with changes, or its own) with a
+    heartbeat an hour ahead: listed for the whole test with no process heartbeating it,
+    however slow the machine (the test unlinks it)."""
+    record = json.loads((discovery / f"{source or worker_id}.json").read_text())
+    record.update(worker_id=worker_id, last_heartbeat=time.time() + 3600, **changes)
+    staged = discovery / f"{worker_id}.tmp"
+    staged.write_text(json.dumps(record))
+    staged.replace(discovery / f"{worker_id}.json")    # readers never see half a file
+
+
+def test_prefill_worker_whose_kv_port_is_blocked_is_named(deployment, capsys):
+    # A prefill worker whose API answers while its KV port takes no connection: p1's own
+    # record, re-registered as p-blocked with its KV port on a socket that is bound but
+    # never listens (connections to it are refused, and no other process can take it).
+    blocked = socket.socket()
+    blocked.bind((P_HOST, 0))
+    kv_port = blocked.getsockname()[1]
+    keep_listed(deployment["dir"], "p-blocked", "p1", kv_port=kv_port)
+    try:
+        rc, report = doctor(capsys, "--discovery", deployment["discovery"])
+        decoders = [c["subject"].split()[2] for c in report["checks"]
+                    if c["id"] == "reachable" and c["subject"].startswith("decode worker")]
+        assert rc == 1 and decoders == ["d1"]
+        assert failed(report) == [("kv_session", f"decode {d} -> prefill p-blocked at "
+                                                 f"{P_HOST}:{kv_port}") for d in ("d1",)]
+        [kv] = [c for c in report["checks"] if c["status"] == "fail"]
+        assert kv["probe"]["outcome"] == "unreachable"
+        assert kv["details"][0].startswith("unreachable: ")
+        assert "--kv-port" in kv["fix"]
+        # Its API is fine: reachable and advertised are ✔ for p-blocked.
+        assert {c["id"] for c in report["checks"] if "p-blocked" in c["subject"]
+                and c["status"] == "ok"} >= {"reachable", "advertised"}
+    finally:
+        (deployment["dir"] / "p-blocked.json").unlink()
+        blocked.close()
+        no_blocks_in_use(deployment["decode"])
+
+
 def test_decode_fallback_appears_with_its_request_id(deployment, tiny_llama_dir, capsys):
     # Its own decode worker, so the shared one keeps no incident for the other tests.
     decode = start_worker("decode", tiny_llama_dir, deployment["wd"], deployment["dir"], "d-fb",
@@ -228,7 +269,8 @@ def test_decode_fallback_appears_with_its_request_id(deployment, tiny_llama_dir,
                         "p-gone", P_HOST)
     try:
         _wait(lambda: listed(deployment["dir"], "p-gone"), "p-gone registered")
-        gone.stop(signal.SIGKILL)          # its record stays until its TTL: a dead worker
+        gone.stop(signal.SIGKILL)          # a dead worker whose record is still listed
+        keep_listed(deployment["dir"], "p-gone")
         status, tokens, _ = generate(decode, "doctor-fallback-1", random_prompt(100, seed=9), 4,
                                      gone)
         assert status == 200 and len(tokens) == 4   # answered: computed on the decode worker
