@@ -12,7 +12,8 @@ all answers 503 at once.
 
 A worker lost after tokens flowed (its stream broke, or ended without a finish reason)
 is replaced by *migration*: the request is re-sent, routed afresh, as prompt + every
-token generated so far, with max_tokens reduced by that many and the same sampling. The
+token generated so far, with max_tokens (and min_tokens) reduced by that many and the same
+sampling, the tokens counted as output by penalties (resumed_output_tokens). The
 detokenizer, stop strings and counts live here, not in the worker, so the client sees
 one uninterrupted stream and usage counts the original prompt and all generated tokens.
 Greedy output is identical to an undisturbed run, and so is a seeded sampled one (each
@@ -228,7 +229,10 @@ class Generation:
         request = msgspec.structs.replace(
             self._request, request_id=f"{self.request_id}-m{self.num_migrations}",
             prompt_token_ids=self._request.prompt_token_ids + self._generated,
-            sampling=msgspec.structs.replace(self._request.sampling, max_tokens=remaining))
+            sampling=msgspec.structs.replace(
+                self._request.sampling, max_tokens=remaining,
+                min_tokens=max(self._request.sampling.min_tokens - len(self._generated), 0),
+                resumed_output_tokens=self._request.sampling.resumed_output_tokens + len(self._generated)))
         await self._send(request)
         return None
 

@@ -86,6 +86,12 @@ class _SamplingFields(_Strict):
     stop: Annotated[Any, AfterValidator(_check_stop)] = None
     stop_token_ids: list[TokenId] | None = None
     ignore_eos: bool = False
+    # vLLM's sampling controls (ranges checked by SamplingParams, 400 naming the field).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = 0
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -99,6 +105,15 @@ class _SamplingFields(_Strict):
         if extra.get("best_of") not in (None, 1):
             return "best_of"
         return None
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...] | None:
+        """logit_bias as (token id, bias) pairs; None when a key is not a token id."""
+        pairs = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isascii() or not key.isdigit():
+                return None
+            pairs.append((int(key), bias))
+        return tuple(sorted(pairs))
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -68,6 +68,8 @@ class Preprocessor:
             raise bad_request("the prompt is empty", "messages" if chat else "prompt")
         if chat and req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+        if (logit_bias := req.logit_bias_pairs()) is None:
+            raise bad_request("logit_bias keys must be token ids (strings of digits)", "logit_bias")
         max_tokens = req.requested_max_tokens()
         n = self.max_model_len
         if max_tokens is None:
@@ -91,12 +93,13 @@ class Preprocessor:
                 top_p=1.0 if req.top_p is None else req.top_p,
                 top_k=0 if req.top_k is None else req.top_k,
                 seed=req.seed, stop_token_ids=tuple(req.stop_token_ids or ()),
-                ignore_eos=req.ignore_eos, logprobs=req.requested_logprobs())
+                ignore_eos=req.ignore_eos, logprobs=req.requested_logprobs(),
+                presence_penalty=req.presence_penalty or 0.0,
+                frequency_penalty=req.frequency_penalty or 0.0,
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                logit_bias=logit_bias, min_tokens=req.min_tokens)
         except SamplingError as e:
             param = "max_completion_tokens" if (e.param == "max_tokens" and chat
                                                 and req.max_completion_tokens is not None) else e.param
             raise bad_request(str(e), param) from e
-        return p.Sampling(max_tokens=params.max_tokens, temperature=params.temperature,
-                          top_p=params.top_p, top_k=params.top_k, seed=params.seed,
-                          stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
-                          logprobs=params.logprobs)
+        return p.Sampling.from_params(params)

@@ -120,6 +120,14 @@ class FirstTokenSampling(msgspec.Struct, forbid_unknown_fields=True):
     ignore_eos: bool = False
     # How many top logprobs D's client asked for (None: none): P computes the first token's.
     logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    # Logit controls that shape the first token too (engine/logits_processors.py).
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
+    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=1e6)] = 1.0
+    logit_bias: Annotated[list[tuple[TokenId, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]]],
+                          msgspec.Meta(max_length=1024)] = []
+    min_tokens: Annotated[int, msgspec.Meta(ge=0, le=1)] = 0     # only "the first one" matters to P
+    resumed_output_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)] = 0
 
 
 class FirstTokenLogprobs(msgspec.Struct, forbid_unknown_fields=True):

@@ -33,7 +33,13 @@ def first_token_params(sampling: FirstTokenSampling) -> SamplingParams:
     return SamplingParams(max_tokens=1, temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k, seed=sampling.seed,
                           stop_token_ids=tuple(sampling.stop_token_ids),
-                          ignore_eos=sampling.ignore_eos, logprobs=sampling.logprobs)
+                          ignore_eos=sampling.ignore_eos, logprobs=sampling.logprobs,
+                          presence_penalty=sampling.presence_penalty,
+                          frequency_penalty=sampling.frequency_penalty,
+                          repetition_penalty=sampling.repetition_penalty,
+                          logit_bias=tuple(tuple(e) for e in sampling.logit_bias),
+                          min_tokens=sampling.min_tokens,
+                          resumed_output_tokens=sampling.resumed_output_tokens)
 
 
 def sampling_for_prefill(params: SamplingParams) -> FirstTokenSampling:
@@ -41,7 +47,13 @@ def sampling_for_prefill(params: SamplingParams) -> FirstTokenSampling:
     return FirstTokenSampling(temperature=params.temperature, top_p=params.top_p,
                               top_k=params.top_k, seed=params.seed,
                               stop_token_ids=list(params.stop_token_ids),
-                              ignore_eos=params.ignore_eos, logprobs=params.logprobs)
+                              ignore_eos=params.ignore_eos, logprobs=params.logprobs,
+                              presence_penalty=params.presence_penalty,
+                              frequency_penalty=params.frequency_penalty,
+                              repetition_penalty=params.repetition_penalty,
+                              logit_bias=[tuple(e) for e in params.logit_bias],
+                              min_tokens=min(params.min_tokens, 1),
+                              resumed_output_tokens=params.resumed_output_tokens)
 
 
 def logprobs_to_wire(lp: TokenLogprobs | None) -> FirstTokenLogprobs | None:
