@@ -155,3 +155,23 @@ def test_a_container_on_a_random_port_or_a_bad_command_line_is_named(tmp_path, c
 def test_a_directory_that_cannot_be_read_is_exit_status_2(tmp_path, capsys):
     assert main(["doctor", "--manifests", str(tmp_path / "missing")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_missing_readiness_probe_is_a_warning_not_a_failure(tmp_path, capsys):
+    out = render(tmp_path, capsys)
+    edit(out, "deployment-splitserve-decode.yaml", lambda o: container(o).pop("readinessProbe"))
+    rc, report = doctor(capsys, out)
+    [warn] = [c for c in report["checks"] if c["status"] == "warn"]
+    assert rc == 0 and (warn["id"], warn["subject"]) == ("probe_missing", DECODE)
+    assert "readinessProbe httpGet /health on port 8100" in warn["fix"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give --frontend URL, --discovery URL or --manifests DIR"),
+    (["--frontend", "http://127.0.0.1:9", "--discovery", "file:/nonexistent"], "not both"),
+    (["--frontend", "http://127.0.0.1:9", "--etcd-user", "root"], "apply to etcd discovery"),
+])
+def test_doctor_without_one_clear_target_is_a_usage_error(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["doctor", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -112,7 +112,7 @@ def _parse(argv: list[str]) -> tuple[object | None, str]:
         with contextlib.redirect_stderr(err):
             args, _ = build_parser().parse_known_args(argv)
     except SystemExit:
-        return None, err.getvalue().strip().splitlines()[-1]
+        return None, (err.getvalue().strip().splitlines() or ["the CLI refused it"])[-1]
     return args, ""
 
 
@@ -168,7 +168,7 @@ def check_container(c: Container) -> list[Check]:
         spec = c.spec.get(probe)
         if spec is None:
             if probe != "startupProbe":
-                checks.append(Check("probe_port", f"{probe} present", "warn", c.subject,
+                checks.append(Check("probe_missing", f"{probe} present", "warn", c.subject,
                                     (f"no {probe}",), f"Add {probe} httpGet "
                                     f"{_PATHS[probe][0]} on port {c.api_port or '(its --port)'}."))
             continue
