@@ -31,15 +31,17 @@ from splitserve.disconnect import unless_disconnected
 from splitserve.frontend.config import FrontendConfig
 from splitserve.frontend.admission import AdmissionQueue
 from splitserve.frontend.auth import ApiKeyAuth
+from splitserve.frontend.choices import MAX_N, child_request, start_all
 from splitserve.frontend.errors import OpenAIError, bad_request, unavailable
 from splitserve.frontend.generation import CLIENT_GONE, Generation
 from splitserve.frontend.kv_events import KVEventFeed
+from splitserve.frontend.logprobs import LogprobsFormatter
 from splitserve.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
 from splitserve.frontend.preprocess import Preprocessor
 from splitserve.frontend.reasoning import splitter_for
 from splitserve.frontend.request_body import parse_body, read_body
 from splitserve.frontend.request_ids import RequestIdMiddleware
-from splitserve.frontend.responses import CHAT, COMPLETION, Shape, full_response, stream_events
+from splitserve.frontend.responses import CHAT, COMPLETION, Choice, Shape, full_response, stream_events
 from splitserve.frontend.routing import LOCAL_PREFILL_REASONS, RoutePlanner, unavailable_reason
 from splitserve.frontend.tokenize_api import detokenize_route, tokenize_route
 from splitserve.frontend.tokenizer_source import TokenizerUnavailable, load_tokenizer
@@ -220,26 +222,29 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None, *,
             raise bad_request(f"'{name}' is not supported by this server", name)
         if body.stream_options is not None and not body.stream:
             raise bad_request("stream_options can only be given when stream is true", "stream_options")
-        if body.n != 1:
-            raise bad_request(f"n must be 1: one choice per request is supported (got n={body.n})", "n")
+        if not 1 <= body.n <= MAX_N:
+            raise bad_request(f"n must be in [1, {MAX_N}], got {body.n}", "n")
         prompt = await pre.prompt(body, shape.chat)
         sampling = pre.sampling(body, len(prompt), shape.chat)
         request_id = request.state.request_id
-        gen = Generation(fe.client, fe.planner, fe.tokenizer, fe.metrics,
-                         p.GenerateRequest(request_id, prompt, sampling), body.stop_list(), arrival,
-                         fe.config.migration_limit, admission=fe.admission)
+        whole = p.GenerateRequest(request_id, prompt, sampling)
+        gens = [Generation(fe.client, fe.planner, fe.tokenizer, fe.metrics, child_request(whole, i),
+                           body.stop_list(), arrival, fe.config.migration_limit, admission=fe.admission)
+                for i in range(body.n)]
         # A request waiting in the admission queue (or for its decode worker) leaves at
         # once when its client does.
-        started, _ = await unless_disconnected(request, gen.start())
+        started, _ = await unless_disconnected(request, start_all(gens))
         if not started:
             fe.metrics.requests.labels(status=CLIENT_GONE).inc()
             logger.info("request_id=%s client disconnected before a worker took it", request_id)
             return Response(status_code=int(CLIENT_GONE))
-        reasoning = splitter_for(fe.config.reasoning_parser, fe.tokenizer, prompt) if shape.chat else None
+        choices = [Choice(i, gen, splitter_for(fe.config.reasoning_parser, fe.tokenizer, prompt)
+                          if shape.chat else None,
+                          LogprobsFormatter(fe.tokenizer, shape.chat) if gen.logprobs_requested else None)
+                   for i, gen in enumerate(gens)]
         if body.stream:
-            return StreamingResponse(stream_events(shape, gen, info.model_name, body.include_usage,
-                                                   reasoning, fe.tokenizer),
+            return StreamingResponse(stream_events(shape, choices, info.model_name, body.include_usage),
                                      media_type="text/event-stream")
-        return await full_response(shape, gen, info.model_name, reasoning, fe.tokenizer)
+        return await full_response(shape, choices, info.model_name)
 
     return app

@@ -152,6 +152,17 @@ class Generation:
             raise bad_gateway(f"the prompt's KV cache could not be transferred: {e}") from e
         raise e
 
+    async def abandon(self, why: str) -> None:
+        """End a started generation whose deltas() will never run (a sibling choice of an
+        n > 1 request could not start, or the client left): its worker stream closes (the
+        worker aborts the request, freeing its KV). The HTTP request's outcome is
+        recorded by whoever answers it, not here."""
+        try:
+            await self._resources.aclose()
+        finally:
+            self._planner.finished(self.request_id)
+            logger.info("request_id=%s abandoned before its first token: %s", self.request_id, why)
+
     async def deltas(self) -> AsyncIterator[Delta]:
         """Text deltas; the last one carries the finish reason. Call start() first."""
         status = CLIENT_GONE

@@ -4,10 +4,15 @@ Chat and text completions differ only in names and in where the text goes (a `de
 `message` object vs a `text` field), captured by `Shape`; the flow is shared. With a
 reasoning parser (chat only) the text is split into `reasoning_content` and `content`
 (reasoning.py) and usage counts `completion_tokens_details.reasoning_tokens`.
+
+A request with n > 1 has n Choices, one Generation each, run concurrently: the whole
+body lists them by index; a stream interleaves their chunks as they come, each naming
+its choice's index. Usage counts the prompt once and every choice's tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -40,22 +45,22 @@ class Shape:
     def chunk_object_name(self) -> str:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
-    def stream_choice(self, text: str | None, finish_reason: str | None, first: bool = False,
+    def stream_choice(self, index: int, text: str | None, finish_reason: str | None, first: bool = False,
                       reasoning: str | None = None, logprobs: dict | None = None) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+            return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         delta: dict = {"role": "assistant"} if first else {}
         if reasoning:
             delta["reasoning_content"] = reasoning
         if text is not None:
             delta["content"] = text
-        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
-    def final_choice(self, text: str | None, finish_reason: str | None,
+    def final_choice(self, index: int, text: str | None, finish_reason: str | None,
                      logprobs: dict | None = None) -> dict:
         if not self.chat:
-            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {"index": 0, "message": {"role": "assistant", "content": text},
+            return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": index, "message": {"role": "assistant", "content": text},
                 "logprobs": logprobs, "finish_reason": finish_reason}
 
 
@@ -63,16 +68,31 @@ CHAT = Shape(chat=True)
 COMPLETION = Shape(chat=False)
 
 
-def _usage(gen: Generation, reasoning: ReasoningSplitter | None) -> dict:
-    usage = {"prompt_tokens": gen.num_prompt_tokens, "completion_tokens": gen.num_generated_tokens,
-             "total_tokens": gen.num_prompt_tokens + gen.num_generated_tokens}
-    if reasoning is not None:
-        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning.reasoning_tokens}
+@dataclass
+class Choice:
+    """One of a request's n sequences: its generation, and its own reasoning splitter
+    and logprobs formatter (both hold per-sequence state)."""
+
+    index: int
+    gen: Generation
+    reasoning: ReasoningSplitter | None = None
+    logprobs: LogprobsFormatter | None = None
+
+
+def _usage(choices: list[Choice]) -> dict:
+    prompt = choices[0].gen.num_prompt_tokens
+    completion = sum(c.gen.num_generated_tokens for c in choices)
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+             "total_tokens": prompt + completion}
+    if choices[0].reasoning is not None:
+        usage["completion_tokens_details"] = {
+            "reasoning_tokens": sum(c.reasoning.reasoning_tokens for c in choices)}
     return usage
 
 
-def _split(reasoning: ReasoningSplitter | None, gen: Generation, delta: Delta) -> ReasoningDelta:
+def _split(choice: Choice, delta: Delta) -> ReasoningDelta:
     """A delta's text as (reasoning, content); without a parser it is all content."""
+    reasoning, gen = choice.reasoning, choice.gen
     if reasoning is None:
         return ReasoningDelta(content=delta.text)
     out = reasoning.feed(delta.text, gen.num_generated_tokens)
@@ -86,61 +106,93 @@ def _sse(obj: dict) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
 
-async def full_response(shape: Shape, gen: Generation, model: str,
-                        reasoning: ReasoningSplitter | None = None, tokenizer=None) -> Response:
-    """tokenizer: turns logprobs' token ids into text (needed when the request asked for logprobs)."""
+async def _whole_choice(shape: Shape, choice: Choice) -> dict:
     parts: list[str] = []
     thoughts: list[str] = []
     entries = []
     finish_reason = None
-    try:
-        async for delta in gen.deltas():
-            split = _split(reasoning, gen, delta)
-            parts.append(split.content)
-            thoughts.append(split.reasoning)
-            entries.extend(delta.logprobs)
-            finish_reason = delta.finish_reason
-    except OpenAIError as e:  # already counted by the Generation
-        return e.response()
-    logprobs = (LogprobsFormatter(tokenizer, shape.chat).format(entries)
-                if gen.logprobs_requested else None)
-    if reasoning is None:
-        choice = shape.final_choice("".join(parts), finish_reason, logprobs)
-    else:   # as vLLM: a part that is empty is null
-        choice = shape.final_choice("".join(parts) or None, finish_reason, logprobs)
-        choice["message"]["reasoning_content"] = "".join(thoughts) or None
-    body = {"id": shape.response_id(gen.request_id), "object": shape.object_name, "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": _usage(gen, reasoning)}
+    async for delta in choice.gen.deltas():
+        split = _split(choice, delta)
+        parts.append(split.content)
+        thoughts.append(split.reasoning)
+        entries.extend(delta.logprobs)
+        finish_reason = delta.finish_reason
+    logprobs = choice.logprobs.format(entries) if choice.logprobs else None
+    if choice.reasoning is None:
+        return shape.final_choice(choice.index, "".join(parts), finish_reason, logprobs)
+    # As vLLM: a part that is empty is null.
+    body = shape.final_choice(choice.index, "".join(parts) or None, finish_reason, logprobs)
+    body["message"]["reasoning_content"] = "".join(thoughts) or None
+    return body
+
+
+async def full_response(shape: Shape, choices: list[Choice], model: str) -> Response:
+    results = await asyncio.gather(*(_whole_choice(shape, c) for c in choices), return_exceptions=True)
+    for r in results:
+        if isinstance(r, OpenAIError):  # already counted by the Generation
+            return r.response()
+        if isinstance(r, BaseException):
+            raise r
+    body = {"id": shape.response_id(choices[0].gen.request_id), "object": shape.object_name,
+            "created": int(time.time()), "model": model, "choices": results,
+            "usage": _usage(choices)}
     return Response(msgspec.json.encode(body), media_type="application/json")
 
 
-async def stream_events(shape: Shape, gen: Generation, model: str, include_usage: bool,
-                        reasoning: ReasoningSplitter | None = None,
-                        tokenizer=None) -> AsyncIterator[bytes]:
-    created = int(time.time())
-    formatter = LogprobsFormatter(tokenizer, shape.chat) if gen.logprobs_requested else None
+async def _choice_chunks(shape: Shape, choice: Choice, out: asyncio.Queue) -> None:
+    """Puts the choice's stream choices (dicts) on `out`, then None; an OpenAIError too."""
+    i = choice.index
+    try:
+        async for delta in choice.gen.deltas():
+            split = _split(choice, delta)
+            logprobs = choice.logprobs.format(delta.logprobs) if choice.logprobs and delta.logprobs else None
+            if split.content or split.reasoning or logprobs:
+                out.put_nowait(shape.stream_choice(i, split.content or None, None,
+                                                  reasoning=split.reasoning, logprobs=logprobs))
+            if delta.finish_reason is not None:
+                out.put_nowait(shape.stream_choice(i, None if shape.chat else "", delta.finish_reason))
+    except OpenAIError as e:
+        out.put_nowait(e)
+    finally:
+        out.put_nowait(None)
 
-    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
-        body = {"id": shape.response_id(gen.request_id), "object": shape.chunk_object_name, "created": created,
-                "model": model, "choices": choices}
+
+async def stream_events(shape: Shape, choices: list[Choice], model: str,
+                        include_usage: bool) -> AsyncIterator[bytes]:
+    created = int(time.time())
+    request_id = choices[0].gen.request_id
+
+    def chunk(body_choices: list[dict], usage: dict | None = None) -> bytes:
+        body = {"id": shape.response_id(request_id), "object": shape.chunk_object_name,
+                "created": created, "model": model, "choices": body_choices}
         if include_usage:  # OpenAI: with include_usage every chunk has a usage field
             body["usage"] = usage
         return _sse(body)
 
-    if shape.chat:  # the first chat delta announces the role
-        yield chunk([shape.stream_choice("", None, first=True)])
+    if shape.chat:  # the first chat delta of each choice announces the role
+        for c in choices:
+            yield chunk([shape.stream_choice(c.index, "", None, first=True)])
+    queue: asyncio.Queue = asyncio.Queue()
+    tasks = [asyncio.create_task(_choice_chunks(shape, c, queue)) for c in choices]
     try:
-        async for delta in gen.deltas():
-            split = _split(reasoning, gen, delta)
-            logprobs = formatter.format(delta.logprobs) if formatter and delta.logprobs else None
-            if split.content or split.reasoning or logprobs:
-                yield chunk([shape.stream_choice(split.content or None, None,
-                                                 reasoning=split.reasoning, logprobs=logprobs)])
-            if delta.finish_reason is not None:
-                yield chunk([shape.stream_choice(None if shape.chat else "", delta.finish_reason)])
-    except OpenAIError as e:  # headers are sent: the error travels as an event (as vLLM does)
-        yield _sse(e.body())
-    else:
-        if include_usage:
-            yield chunk([], _usage(gen, reasoning))
-    yield DONE
+        running, error = len(tasks), None
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, OpenAIError):
+                error = item
+                break
+            else:
+                yield chunk([item])
+        if error is not None:  # headers are sent: the error travels as an event (as vLLM does)
+            yield _sse(error.body())
+        elif include_usage:
+            yield chunk([], _usage(choices))
+        yield DONE
+    finally:
+        # A client gone, or one choice failed: the others' worker streams close (their
+        # requests are aborted and free their KV blocks).
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,54 @@
+"""n > 1: one request's n sequences, each its own Generation on the workers.
+
+Choice i samples with seed + i (vLLM's rule for a parent request's children, wrapped
+into the seed's range), so a seeded n > 1 request is reproducible and its choices
+differ; without a seed each has fresh randomness anyway. Choice 0 keeps the request's
+id; choice i's worker-side id is `<id>-n<i>`, so every log line still starts with it.
+
+NOTE: each sequence is routed and prefilled as its own request (the prefix cache and
+the router's KV-aware routing make the repeats cheap); the n sequences do not yet share
+one prefill's KV blocks inside the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from splitserve.engine.types import SEED_MAX, SEED_MIN
+from splitserve.frontend.generation import Generation
+from splitserve.worker import protocol as p
+
+MAX_N = 64
+
+
+def child_request(request: p.GenerateRequest, index: int) -> p.GenerateRequest:
+    if index == 0:
+        return request
+    seed = request.sampling.seed
+    if seed is not None:
+        seed = (seed + index - SEED_MIN) % (SEED_MAX - SEED_MIN + 1) + SEED_MIN
+    return msgspec.structs.replace(request, request_id=f"{request.request_id}-n{index}",
+                                   sampling=msgspec.structs.replace(request.sampling, seed=seed))
+
+
+async def start_all(gens: list[Generation]) -> None:
+    """Start every generation; if one cannot start, the started ones are abandoned and
+    its error raised. Cancelled (the client left): the started ones are abandoned."""
+    started: list[Generation] = []
+
+    async def start(gen: Generation) -> None:
+        await gen.start()
+        started.append(gen)
+
+    try:
+        results = await asyncio.gather(*(start(g) for g in gens), return_exceptions=True)
+    except asyncio.CancelledError:
+        await asyncio.gather(*(g.abandon("the client left") for g in started), return_exceptions=True)
+        raise
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        await asyncio.gather(*(g.abandon(f"another choice could not start: {failed}") for g in started),
+                             return_exceptions=True)
+        raise failed
