@@ -7,6 +7,7 @@ import torch
 
 from splitserve.engine.attention import PagedAttention, SeqSlice
 from splitserve.engine.kv_cache import KVLayout
+from splitserve.engine.paged_decode import kernel_available
 from splitserve.engine.sampler import Sampled, SampleFailure, Sampler
 from splitserve.engine.scheduler import SchedulerOutput
 
@@ -19,6 +20,10 @@ class ModelRunner:
         self.device = torch.device(device)
         self.kv = layout.allocate(num_blocks, device, kv_allocator)
         self.sampler = Sampler(seed)
+        if self.device.type == "cpu":
+            # Build (first time on this machine: ~30 s) or load the paged decode kernel
+            # now, while the worker is still starting, not on its first decode step.
+            kernel_available()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> dict[str, Sampled | SampleFailure]:
