@@ -4,21 +4,19 @@ and metrics needs `Authorization: Bearer <key>` (the /v1 API, /tokenize, /detoke
 error shape, which the `openai` SDK raises as AuthenticationError.
 
 /live, /health and /metrics stay open, as Kubernetes probes and Prometheus scrapers
-expect. The key is compared in constant time and never logged, nor echoed in a response.
-A pure ASGI middleware, so streamed responses pass through.
+expect (splitserve.bearer_auth, shared with the worker API).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Callable
 
+from splitserve.bearer_auth import BearerAuth
 from splitserve.frontend.errors import OpenAIError
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = frozenset({"/live", "/health", "/metrics"})
 API_KEY_ENV = "SPLITSERVE_API_KEY"
 
 
@@ -27,23 +25,14 @@ def unauthorized() -> OpenAIError:
     return OpenAIError(401, "Invalid or missing API key: send Authorization: Bearer <key>")
 
 
-class ApiKeyAuth:
+class ApiKeyAuth(BearerAuth):
     """Sits inside the request-id middleware: a refusal carries `x-request-id` and its log
     line the request's id."""
 
     def __init__(self, app, api_key: str | None, on_refused: Callable[[], None] = lambda: None):
-        self.app = app
-        self._expected = None if api_key is None else f"Bearer {api_key}".encode()
-        self._on_refused = on_refused
+        super().__init__(app, api_key, on_refused)
 
-    async def __call__(self, scope, receive, send):
-        if (self._expected is None or scope["type"] != "http"
-                or scope["path"] in OPEN_PATHS):
-            return await self.app(scope, receive, send)
-        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        if hmac.compare_digest(given, self._expected):
-            return await self.app(scope, receive, send)
-        self._on_refused()
+    async def refuse(self, scope, receive, send, given: bytes) -> None:
         logger.info("request_id=%s %s %s refused: %s API key", scope.get("state", {}).get(
             "request_id"), scope["method"], scope["path"], "wrong" if given else "no")
         response = unauthorized().response()
