@@ -9,12 +9,13 @@ expect. The token is compared in constant time and never logged nor echoed.
 from __future__ import annotations
 
 import hmac
+from abc import ABC, abstractmethod
 from typing import Callable
 
 OPEN_PATHS = frozenset({"/live", "/health", "/metrics"})
 
 
-class BearerAuth:
+class BearerAuth(ABC):
     """Subclasses implement refuse(scope, receive, send, given): the 401 response;
     `given` is the Authorization header received (b"" when there was none)."""
 
@@ -33,5 +34,6 @@ class BearerAuth:
         self._on_refused()
         await self.refuse(scope, receive, send, given)
 
+    @abstractmethod
     async def refuse(self, scope, receive, send, given: bytes) -> None:
-        raise NotImplementedError
+        """Send the 401."""

@@ -38,7 +38,7 @@ class CountingEngine(WorkerEngine):
         self.state = EngineState.READY
 
     def stop(self, timeout: float = 10.0) -> None:
-        pass
+        pass  # no thread, nothing to stop
 
     def info(self) -> EngineInfo | None:
         return EngineInfo("counting", Path("/nonexistent/counting"), 64, BLOCK_SIZE, (0,))
@@ -71,13 +71,13 @@ class CountingEngine(WorkerEngine):
         raise RequestError(f"request {request_id!r} has no reservation", "request_id")
 
     def abort(self, request_id: str) -> None:
-        pass
+        pass  # every request finishes inside add(): nothing is ever left to abort
 
     def submit_held(self, request_id, prompt_token_ids, params, sink) -> None:
         sink.put(CapacityError("this engine serves no KV transfers"))
 
     def release_held(self, request_id: str) -> None:
-        pass
+        pass  # submit_held refuses every request: nothing is ever held
 
     async def kv_snapshot(self, take):
         return take([AllCleared(), *([BlockStored(list(self.cached))] if self.cached else [])])

@@ -172,7 +172,7 @@ class _VLLMServer:
                 if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
-                pass
+                pass  # not listening yet: poll again until the deadline
             time.sleep(1)
 
     def stop(self) -> None:

@@ -37,7 +37,7 @@ class TokenizerBundle(msgspec.Struct):
 
 
 class TokenizerFileError(Exception):
-    pass
+    """A tokenizer file is missing, unreadable, too big or not one of the known names."""
 
 
 def read_tokenizer_files(model_dir: Path) -> TokenizerBundle:
