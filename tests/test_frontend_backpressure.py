@@ -103,7 +103,7 @@ class Cluster:
     def request(self, request_id: str) -> asyncio.Task:
         """Start one request; the task returns its text or the OpenAIError."""
         gen = Generation(self.client, self.planner, self.tokenizer, self.metrics,
-                         p.GenerateRequest(request_id, [5, 6, 7], p.Sampling(max_tokens=1)), [],
+                         p.GenerateRequest(request_id, [5, 6, 7], p.SamplingParams(max_tokens=1)), [],
                          time.monotonic(), admission=self.queue)
 
         async def run():
@@ -214,7 +214,7 @@ def test_no_registered_worker_is_503_at_once_without_queueing(tokenizer):
         client = WorkerClient(StaticDiscovery(StaticDiscoveryConfig(("http://x:1",))), poll_interval_s=60,
                               transport=httpx.MockTransport(lambda r: httpx.Response(500)))
         gen = Generation(client, RoutePlanner(RoundRobinPolicy(), KVIndex(16), metrics), tokenizer,
-                         metrics, p.GenerateRequest("r", [5], p.Sampling(max_tokens=1)), [], time.monotonic(),
+                         metrics, p.GenerateRequest("r", [5], p.SamplingParams(max_tokens=1)), [], time.monotonic(),
                          admission=queue)
         with pytest.raises(OpenAIError) as e:
             await gen.start()
@@ -245,7 +245,7 @@ def _planner(overflow: str = "local", max_wait: float = 10.0) -> RoutePlanner:
                         overflow, max_wait)
 
 
-REQUEST = p.GenerateRequest("r", list(range(40)), p.Sampling(max_tokens=2))
+REQUEST = p.GenerateRequest("r", list(range(40)), p.SamplingParams(max_tokens=2))
 
 
 def test_without_a_ready_prefill_worker_decode_workers_compute_the_prompt_themselves():
@@ -317,7 +317,7 @@ def test_fits_predicts_room_from_reports_and_what_is_in_flight():
     planner.refused("other")
     assert planner.fits(REQUEST, [p0, d0])
     # A prompt no worker's pool can ever hold is refused outright rather than queued.
-    big = p.GenerateRequest("r", list(range(100)), p.Sampling(max_tokens=1))
+    big = p.GenerateRequest("r", list(range(100)), p.SamplingParams(max_tokens=1))
     small_pool = [p0, _worker("decode", "d0", blocks=(0, 5))]
     assert planner.oversized(big, planner.route(big, small_pool), small_pool) == (
         "the prompt needs 7 KV blocks of 16 tokens, but the largest KV cache of the workers "

@@ -134,7 +134,7 @@ def test_kv_events_feed_the_index_and_the_kv_policy_follows_cached_prefixes():
             # (prompt, the prefill worker holding its prefix, tokens left to compute there)
             for prompt, expected, compute in [(prompt_b + [1, 2], "p1", 2), (prompt_a + [3], "p0", 1),
                                               (prompt_b[:20], "p1", 0)]:
-                attempts = planner.route(p.GenerateRequest("r", prompt, p.Sampling(max_tokens=1)),
+                attempts = planner.route(p.GenerateRequest("r", prompt, p.SamplingParams(max_tokens=1)),
                                          client.workers()).attempts
                 assert (attempts[0].prefill.worker_id, attempts[0].compute_tokens) == (expected, compute)
             # p0 leaves discovery: its subscription ends and the index forgets it.

@@ -40,7 +40,7 @@ def _worker(role: str, name: str, state: WorkerState = WorkerState.READY, kv: bo
 
 
 def _request() -> p.GenerateRequest:
-    return p.GenerateRequest("cmpl-test", [5, 6, 7], p.Sampling(max_tokens=2, temperature=0.0))
+    return p.GenerateRequest("cmpl-test", [5, 6, 7], p.SamplingParams(max_tokens=2, temperature=0.0))
 
 
 def _route(planner, workers):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from splitserve.sampling_params import SamplingParams
 from splitserve.transfer import KVTransferServer, TransferConfig, TransferStats
 from splitserve.transfer import protocol as proto
 from splitserve.worker.incidents import IncidentLog
@@ -42,7 +43,7 @@ def test_prefill_lease_expiry_is_recorded_with_its_request_id():
             assert isinstance(ch.recv()[0], proto.Challenge)
             ch.send(proto.Session(fp, ["tcp"], "x"))
             assert isinstance(ch.recv()[0], proto.HelloOk)
-            ch.send(proto.Prefill("gone-d", list(range(4 * BLOCK)), proto.FirstTokenSampling(),
+            ch.send(proto.Prefill("gone-d", list(range(4 * BLOCK)), SamplingParams(),
                                   4, 0))
         deadline = time.monotonic() + 10    # the lease is 1 s; the reaper ticks every 0.25 s
         while not incidents.snapshot()["recent"]:

@@ -77,7 +77,7 @@ def _run(tokenizer, fake, max_tokens: int, migration_limit: int = 3):
         await client.start()
         while len(client.workers()) < len(urls) or not all(w.ready for w in client.workers()):
             await asyncio.sleep(0.01)
-        request = p.GenerateRequest("req-1", PROMPT, p.Sampling(max_tokens=max_tokens, temperature=0.0))
+        request = p.GenerateRequest("req-1", PROMPT, p.SamplingParams(max_tokens=max_tokens, temperature=0.0))
         gen = Generation(client, RoutePlanner(RoundRobinPolicy(), KVIndex(16), metrics), tokenizer,
                          metrics, request, [], time.monotonic(), migration_limit)
         try:

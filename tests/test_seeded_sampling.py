@@ -3,6 +3,7 @@ the same tokens in one engine, split between a prefill engine (first token) and 
 engine (the rest), and resumed in a second engine from any position (a migration re-sends
 prompt + output so far). Requests without a seed get fresh randomness each."""
 
+import msgspec
 import pytest
 
 from golden import random_prompt
@@ -23,8 +24,7 @@ def engines(tiny_llama_dir):
 
 
 def _with(params: SamplingParams, **changes) -> SamplingParams:
-    fields = {f: getattr(params, f) for f in params.__dataclass_fields__}
-    return SamplingParams(**{**fields, **changes})
+    return msgspec.structs.replace(params, **changes)
 
 
 def test_a_seeded_request_resumed_in_another_engine_continues_identically(engines):

@@ -6,7 +6,7 @@ import pytest
 
 from splitserve.transfer import (KVTransferServer, Outcome, PrefillRequest, TransferConfig,
                                  TransferStats, fetch_kv, kv_fingerprint)
-from splitserve.transfer.protocol import FirstTokenSampling
+from splitserve.sampling_params import SamplingParams
 from splitserve.transfer.shmfile import allocate_shared_kv, free_shared_kv
 from splitserve.transfer.synthetic import (SyntheticBackend, expected_first_token, make_kv,
                                            mismatched_blocks)
@@ -15,7 +15,7 @@ BLOCK = 16
 
 
 def request(rid: str, num_blocks: int) -> PrefillRequest:
-    return PrefillRequest(rid, list(range(num_blocks * BLOCK - 3)), FirstTokenSampling(temperature=0.0),
+    return PrefillRequest(rid, list(range(num_blocks * BLOCK - 3)), SamplingParams(temperature=0.0),
                           num_blocks)
 
 
@@ -76,7 +76,7 @@ def test_single_block_request():
     fp = kv_fingerprint(pkv)
     cfg = TransferConfig(transport="tcp")
     with KVTransferServer(pkv, fp, cfg, SyntheticBackend(pkv)) as server:
-        req = PrefillRequest("one", [7], FirstTokenSampling(), 1)
+        req = PrefillRequest("one", [7], SamplingParams(), 1)
         r = fetch_kv(server.address, req, [2], dkv, cfg, fp)
         assert r.ok and mismatched_blocks(dkv, "one", [2], 1) == []
 
@@ -86,7 +86,7 @@ def test_wrong_block_count_is_refused():
     fp = kv_fingerprint(pkv)
     cfg = TransferConfig(transport="tcp")
     with KVTransferServer(pkv, fp, cfg, SyntheticBackend(pkv)) as server:
-        req = PrefillRequest("short", list(range(3 * BLOCK)), FirstTokenSampling(), 2)   # needs 3 blocks
+        req = PrefillRequest("short", list(range(3 * BLOCK)), SamplingParams(), 2)   # needs 3 blocks
         r = fetch_kv(server.address, req, [0, 1], dkv, cfg, fp)
         assert r.outcome is Outcome.REFUSED and "need 3 blocks" in r.reason
         assert r.blocks_verified == 0 and server.jobs() == []

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from fault_proxy import FaultProxy
+from splitserve.sampling_params import SamplingParams
 from splitserve.transfer import (KVTransferServer, Outcome, PrefillRequest, TransferConfig,
                                  TransferStats, fetch_kv, kv_fingerprint)
 from splitserve.transfer import protocol as proto
@@ -18,7 +19,7 @@ FAST = dict(stall_timeout=0.5, lease=1.0, heartbeat_interval=0.1, reconnect_back
 
 
 def request(rid: str, num_blocks: int) -> PrefillRequest:
-    return PrefillRequest(rid, list(range(num_blocks * BLOCK)), proto.FirstTokenSampling(),
+    return PrefillRequest(rid, list(range(num_blocks * BLOCK)), SamplingParams(),
                           num_blocks)
 
 
@@ -185,7 +186,7 @@ def test_silent_decode_loses_its_lease(caplog, silent):
         assert isinstance(ch.recv()[0], proto.Challenge)
         ch.send(proto.Session(fp, ["tcp"], "x"))
         assert isinstance(ch.recv()[0], proto.HelloOk)
-        ch.send(proto.Prefill("lost-d", list(range(70 * BLOCK)), proto.FirstTokenSampling(), 70, 0))
+        ch.send(proto.Prefill("lost-d", list(range(70 * BLOCK)), SamplingParams(), 70, 0))
         if silent == "disconnected":
             time.sleep(0.1)
             sock.close()

@@ -10,6 +10,7 @@ import time
 import msgspec
 import pytest
 
+from splitserve.sampling_params import SamplingParams
 from splitserve.transfer import (KVTransferServer, Outcome, PrefillRequest, TransferConfig,
                                  TransferStats, fetch_kv, kv_fingerprint)
 from splitserve.transfer import protocol as proto
@@ -21,7 +22,7 @@ FAST = dict(stall_timeout=1.0, lease=2.0, heartbeat_interval=0.2, reconnect_atte
 
 
 def request(rid="r", num_blocks=4):
-    return PrefillRequest(rid, list(range(num_blocks * 16)), proto.FirstTokenSampling(), num_blocks)
+    return PrefillRequest(rid, list(range(num_blocks * 16)), SamplingParams(), num_blocks)
 
 
 def handshake(sock, fp, secret_proof=b""):
@@ -222,7 +223,7 @@ def test_hostile_decode_cannot_hurt_the_server(attack):
     with KVTransferServer(pkv, fp, cfg, backend) as server:
         with socket.create_connection(server.address) as sock:
             ch, _ = handshake(sock, fp)
-            ch.send(proto.Prefill("target", list(range(64)), proto.FirstTokenSampling(), 4, 0))
+            ch.send(proto.Prefill("target", list(range(64)), SamplingParams(), 4, 0))
             bad = {"nack unsent": frame(proto.Nack("target", 0, 4)),
                    "other request": frame(proto.Ack("not-mine", 1)),
                    "huge header": struct.pack("!4sHHIQ", proto.MAGIC, proto.VERSION, 0,
@@ -232,7 +233,7 @@ def test_hostile_decode_cannot_hurt_the_server(attack):
             read_until_closed(sock)     # P drops the session; a timeout here fails
             assert server.jobs() == ["target"]   # the job survives for a legit resume
         # The server still serves honest peers.
-        ok_backend_request = PrefillRequest("honest", list(range(16)), proto.FirstTokenSampling(), 1)
+        ok_backend_request = PrefillRequest("honest", list(range(16)), SamplingParams(), 1)
         backend.stall_at_block = None
         r = fetch_kv(server.address, ok_backend_request, [7], dkv, cfg, fp)
         assert r.ok, r.reason

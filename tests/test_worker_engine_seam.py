@@ -103,7 +103,7 @@ def test_a_worker_serves_another_engine_through_the_seam_alone():
         assert (before.seq, before.events) == (0, [AllCleared()])
 
         prompt = list(range(5, 15))     # two full blocks of 4, and 2 tokens more
-        body = p.encode(p.GenerateRequest("seam-1", prompt, p.Sampling(max_tokens=3, temperature=0)))
+        body = p.encode(p.GenerateRequest("seam-1", prompt, p.SamplingParams(max_tokens=3, temperature=0)))
         r = httpx.post(f"{worker.url}/generate", content=body, timeout=30)
         chunks = [p.decode(line, p.GenerateChunk) for line in r.text.splitlines() if line]
         assert r.status_code == 200

@@ -48,7 +48,7 @@ def test_worker_api_requires_the_deployment_secret(tiny_llama_dir, tmp_path, mon
     decode = start_worker("decode", tiny_llama_dir, tmp_path)
     try:
         req = p.GenerateRequest("auth-1", random_prompt(40, seed=1),
-                                p.Sampling(max_tokens=NEW, temperature=0.0, ignore_eos=True),
+                                p.SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True),
                                 prefill.target())
         for headers in (None, {"authorization": "Bearer wrong"}, {"authorization": "s3cret-api"}):
             r = post_generate(decode, req, headers)
@@ -80,7 +80,7 @@ def test_decode_connects_only_to_prefill_workers_from_discovery(tiny_llama_dir, 
         host, port = trap.getsockname()[:2]
         try:
             prompt = random_prompt(64, seed=2)
-            sampling = p.Sampling(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+            sampling = p.SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
             r = post_generate(decode, p.GenerateRequest("unknown-p", prompt, sampling,
                                                         target("p-stranger", host, port)))
             assert r.status_code == 400 and r.json()["code"] == "unknown_prefill_worker", r.text
@@ -106,7 +106,7 @@ def test_decode_without_discovery_fetches_only_from_listed_peers(tiny_llama_dir,
     try:
         r = post_generate(decode, p.GenerateRequest(
             "not-listed", random_prompt(40, seed=3),
-            p.Sampling(max_tokens=NEW, temperature=0.0), prefill.target()))
+            p.SamplingParams(max_tokens=NEW, temperature=0.0), prefill.target()))
         assert r.status_code == 400, r.text
         body = r.json()
         assert body["code"] == "unknown_prefill_worker" and "127.0.0.2" in body["message"]
@@ -188,7 +188,7 @@ def test_caller_leaving_during_a_queued_fetch_frees_everything(tiny_llama_dir, t
         t.start()
         wait_for(lambda: "request first: prefill progress" in decode.log(), what="first running")
         req = p.GenerateRequest("leaver", random_prompt(500, seed=6),
-                                p.Sampling(max_tokens=NEW, temperature=0.0), prefill.target())
+                                p.SamplingParams(max_tokens=NEW, temperature=0.0), prefill.target())
         body = p.encode(req)
         port = int(decode.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=30) as client:

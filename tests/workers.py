@@ -89,7 +89,7 @@ def start_worker(role: str, model_dir: Path, workdir: Path, *extra: str, name: s
 def generate(d: WorkerProc, request_id: str, prompt: list[int], max_tokens: int,
              prefill: WorkerProc | None, timeout: float = 300.0) -> tuple[int, list[int], list[p.GenerateChunk] | str]:
     """POST /generate on d (greedy, EOS ignored); returns (status, tokens, chunks or error body)."""
-    req = p.GenerateRequest(request_id, prompt, p.Sampling(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+    req = p.GenerateRequest(request_id, prompt, p.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
                             prefill.target() if prefill else None)
     with httpx.stream("POST", f"{d.url}/generate", content=p.encode(req), timeout=timeout,
                       headers={"content-type": "application/json", **d.auth}) as resp:

@@ -31,7 +31,7 @@ import torch
 from splitserve.bench.report import machine, median, print_table, write_json
 from splitserve.transfer import (KVTransferServer, PrefillRequest, TransferConfig, fetch_kv,
                                  kv_fingerprint)
-from splitserve.transfer.protocol import FirstTokenSampling
+from splitserve.sampling_params import SamplingParams
 from splitserve.transfer.handshake import tune_socket
 from splitserve.transfer.kvmem import KVBlocks
 from splitserve.transfer.shmfile import allocate_shared_kv, free_shared_kv
@@ -153,7 +153,7 @@ def _decode_main(conn, shape, pool_mib: int, config: TransferConfig, tokens: int
             ok = True
         else:
             n += 1
-            req = PrefillRequest(f"bench-{path}-{n}", list(range(tokens)), FirstTokenSampling(), nblocks)
+            req = PrefillRequest(f"bench-{path}-{n}", list(range(tokens)), SamplingParams(), nblocks)
             transport = path.removesuffix("-ring")
             cfg = TransferConfig(**{**_config_kwargs(config), "transport": transport})
             r = fetch_kv(kv_addrs[path == "shm-ring"], req, dest, kv, cfg, fp)

@@ -14,7 +14,6 @@ import asyncio
 from splitserve.engine.types import SamplingError, SamplingParams
 from splitserve.frontend.errors import bad_request
 from splitserve.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
-from splitserve.worker import protocol as p
 
 # OpenAI's (and vLLM's) default for /v1/completions; chat defaults to the rest of the context.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -63,7 +62,7 @@ class Preprocessor:
                           "prompt")
 
     def sampling(self, req: ChatCompletionRequest | CompletionRequest, num_prompt_tokens: int,
-                 chat: bool) -> p.Sampling:
+                 chat: bool) -> SamplingParams:
         if num_prompt_tokens == 0:
             raise bad_request("the prompt is empty", "messages" if chat else "prompt")
         if chat and req.top_logprobs is not None and not req.logprobs:
@@ -102,4 +101,4 @@ class Preprocessor:
             param = "max_completion_tokens" if (e.param == "max_tokens" and chat
                                                 and req.max_completion_tokens is not None) else e.param
             raise bad_request(str(e), param) from e
-        return p.Sampling.from_params(params)
+        return params

@@ -10,14 +10,15 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Iterator, Union
 
-from splitserve.transfer.protocol import FirstTokenLogprobs, FirstTokenSampling
+from splitserve.sampling_params import SamplingParams
+from splitserve.transfer.protocol import FirstTokenLogprobs
 
 
 @dataclass(frozen=True)
 class PrefillRequest:
     request_id: str
     token_ids: list[int]
-    sampling: FirstTokenSampling = field(default_factory=FirstTokenSampling)  # first token
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # P samples the first token
     num_blocks: int = 0      # blocks D reserved: ceil(len(token_ids) / block_size)
 
 

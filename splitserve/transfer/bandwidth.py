@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from splitserve.transfer import protocol as proto
+from splitserve.sampling_params import SamplingParams
 from splitserve.transfer.backend import PrefillRequest
 from splitserve.transfer.client import fetch_kv
 from splitserve.transfer.config import TransferConfig
@@ -69,7 +69,7 @@ def measure(addr: tuple[str, int], block_shape: list[int], dtype: str, config: T
     block_nbytes = kv[0].numel() * kv.element_size()
     nblocks = max(1, min(nbytes, MAX_PROBE_BYTES) // block_nbytes)
     tokens = nblocks * KVBlocks(kv).block_size
-    request = PrefillRequest(probe_id, [0] * tokens, proto.FirstTokenSampling(), nblocks)
+    request = PrefillRequest(probe_id, [0] * tokens, SamplingParams(), nblocks)
     t0 = time.monotonic()
     r = fetch_kv(addr, request, [i % pool for i in range(nblocks)], kv, config,
                  kv_fingerprint(kv))

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from splitserve.transfer import protocol as proto
+from splitserve.sampling_params import SamplingParams
 from splitserve.transfer.backend import PrefillRequest
 from splitserve.transfer.client import FetchCancel, _Fatal, _Fetch
 from splitserve.transfer.config import Outcome, TransferConfig
@@ -41,7 +42,7 @@ def probe_session(addr: tuple[str, int], kv: torch.Tensor, config: TransferConfi
                   fingerprint: dict[str, str]) -> SessionProbe:
     t0 = time.monotonic()
     # One placeholder block: hello() never sends the request, so none is reserved.
-    fetch = _Fetch(addr, PrefillRequest("doctor-session-probe", [0], proto.FirstTokenSampling(), 1),
+    fetch = _Fetch(addr, PrefillRequest("doctor-session-probe", [0], SamplingParams(), 1),
                    [0], kv, config, fingerprint, FetchCancel())
     try:
         sock = socket.create_connection(addr, timeout=config.connect_timeout)

@@ -41,17 +41,16 @@ from typing import Annotated, Callable, Union
 
 import msgspec
 
-VERSION = 2
+from splitserve.sampling_params import MAX_LOGPROBS, MAX_TOKEN_ID, SamplingParams
+
+VERSION = 3   # 3: PREFILL carries the request's SamplingParams whole
 MAGIC = b"SSKV"
 PREFIX = struct.Struct("!4sHHIQ")
 DEFAULT_MAX_HEADER = 16 << 20  # token ids of a multi-million-token prompt fit
 HANDSHAKE_MAX_HEADER = 16 << 10  # HELLO/SESSION: a fingerprint, nonces, a proof
 _HEADER_STEP = 64 << 10        # a header buffer grows as bytes arrive, never by a peer's claim
-MAX_TOKEN_ID = (1 << 31) - 1
-MAX_STOP_TOKEN_IDS = 1024
 
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)]
-MAX_LOGPROBS = 20   # engine.types.MAX_LOGPROBS (this protocol imports nothing of the engine)
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[\x21-\x7e]+$")]
 Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 40)]
 Fingerprint = Annotated[dict[Annotated[str, msgspec.Meta(max_length=64)],
@@ -107,29 +106,6 @@ class Refuse(msgspec.Struct, tag="refuse"):
     reason: str
 
 
-class FirstTokenSampling(msgspec.Struct, forbid_unknown_fields=True):
-    """The sampling controls P needs for the first token (P samples it). Typed and
-    bounded like the HTTP front's parameters: a frame can carry no value the engine
-    would choke on (NaN fails the bounds too)."""
-
-    temperature: Annotated[float, msgspec.Meta(ge=0.0, le=1e6)] = 1.0
-    top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, msgspec.Meta(ge=-1, le=MAX_TOKEN_ID)] = 0
-    seed: Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)] | None = None
-    stop_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_TOKEN_IDS)] = []
-    ignore_eos: bool = False
-    # How many top logprobs D's client asked for (None: none): P computes the first token's.
-    logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] | None = None
-    # Logit controls that shape the first token too (engine/logits_processors.py).
-    presence_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)] = 0.0
-    repetition_penalty: Annotated[float, msgspec.Meta(gt=0.0, le=1e6)] = 1.0
-    logit_bias: Annotated[list[tuple[TokenId, Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]]],
-                          msgspec.Meta(max_length=1024)] = []
-    min_tokens: Annotated[int, msgspec.Meta(ge=0, le=1)] = 0     # only "the first one" matters to P
-    resumed_output_tokens: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOKEN_ID)] = 0
-
-
 class FirstTokenLogprobs(msgspec.Struct, forbid_unknown_fields=True):
     """The first token's log-probability and the top (token id, logprob) pairs, most
     likely first, as P's engine computed them (the engine's TokenLogprobs on the wire)."""
@@ -141,7 +117,7 @@ class FirstTokenLogprobs(msgspec.Struct, forbid_unknown_fields=True):
 class Prefill(msgspec.Struct, tag="prefill"):
     request_id: RequestId
     token_ids: list[TokenId]
-    sampling: FirstTokenSampling
+    sampling: SamplingParams    # the whole request's: P samples the first token
     num_blocks: Count
     resume_from_block: Count
 

@@ -202,11 +202,11 @@ def create_app(engine: WorkerEngine, config: WorkerConfig, worker_id: str,
                 "requests to a decode (or both) worker naming it as the prefill target"))
         try:
             req = p.decode(await request.body(), p.GenerateRequest)
-            params = req.sampling.to_params()
+            params = req.sampling
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            return _reply(400, p.WorkerError(f"invalid generate request: {e}"))
-        except SamplingError as e:
-            return _reply(400, p.WorkerError(str(e), e.param))
+            # An out-of-range sampling value fails in SamplingParams.__post_init__: name it.
+            param = e.__cause__.param if isinstance(e.__cause__, SamplingError) else None
+            return _reply(400, p.WorkerError(f"invalid generate request: {e}", param))
         try:
             if req.prefill is None:
                 outputs = await engine.add(req.request_id, req.prompt_token_ids, params)

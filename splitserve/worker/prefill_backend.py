@@ -13,9 +13,9 @@ import logging
 import queue
 from collections.abc import Iterator
 
-from splitserve.engine.types import FinishReason, SamplingParams, TokenLogprobs
+from splitserve.engine.types import FinishReason, TokenLogprobs
 from splitserve.transfer.backend import BlocksReady, Done, Event, PrefillBackend, PrefillRequest, Progress
-from splitserve.transfer.protocol import FirstTokenLogprobs, FirstTokenSampling
+from splitserve.transfer.protocol import FirstTokenLogprobs
 from splitserve.worker.engine_api import HeldSink, WorkerEngine
 
 logger = logging.getLogger(__name__)
@@ -24,36 +24,6 @@ logger = logging.getLogger(__name__)
 
 class PrefillAborted(RuntimeError):
     """The engine ended the prefill without a first token (aborted or failed)."""
-
-
-def first_token_params(sampling: FirstTokenSampling) -> SamplingParams:
-    """The first token is sampled on P, so P needs the controls that shape it. Raises
-    SamplingError for values the engine refuses (e.g. a stop token outside the
-    vocabulary), which fails this request only."""
-    return SamplingParams(max_tokens=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                          top_k=sampling.top_k, seed=sampling.seed,
-                          stop_token_ids=tuple(sampling.stop_token_ids),
-                          ignore_eos=sampling.ignore_eos, logprobs=sampling.logprobs,
-                          presence_penalty=sampling.presence_penalty,
-                          frequency_penalty=sampling.frequency_penalty,
-                          repetition_penalty=sampling.repetition_penalty,
-                          logit_bias=tuple(tuple(e) for e in sampling.logit_bias),
-                          min_tokens=sampling.min_tokens,
-                          resumed_output_tokens=sampling.resumed_output_tokens)
-
-
-def sampling_for_prefill(params: SamplingParams) -> FirstTokenSampling:
-    """What a decode worker sends a prefill worker about sampling (PrefillRequest.sampling)."""
-    return FirstTokenSampling(temperature=params.temperature, top_p=params.top_p,
-                              top_k=params.top_k, seed=params.seed,
-                              stop_token_ids=list(params.stop_token_ids),
-                              ignore_eos=params.ignore_eos, logprobs=params.logprobs,
-                              presence_penalty=params.presence_penalty,
-                              frequency_penalty=params.frequency_penalty,
-                              repetition_penalty=params.repetition_penalty,
-                              logit_bias=[tuple(e) for e in params.logit_bias],
-                              min_tokens=min(params.min_tokens, 1),
-                              resumed_output_tokens=params.resumed_output_tokens)
 
 
 def logprobs_to_wire(lp: TokenLogprobs | None) -> FirstTokenLogprobs | None:
@@ -71,7 +41,7 @@ class EnginePrefillBackend(PrefillBackend):
     def start(self, request: PrefillRequest) -> Iterator[Event]:
         rid = request.request_id
         sink: HeldSink = queue.SimpleQueue()
-        self.engine.submit_held(rid, list(request.token_ids), first_token_params(request.sampling), sink)
+        self.engine.submit_held(rid, list(request.token_ids), request.sampling.for_first_token(), sink)
         total = len(request.token_ids)
         sent = 0
         while True:

@@ -9,53 +9,14 @@ from __future__ import annotations
 
 import msgspec
 
-from splitserve.engine.types import SamplingParams, TokenLogprobs
+from splitserve.engine.types import TokenLogprobs
+from splitserve.sampling_params import SamplingParams
 
 # prefill: computes prompts and serves their KV on its KV port; decode: takes requests
 # from the frontend, fetches the prompt's KV from the named prefill worker, decodes;
 # both: aggregated, one engine does everything.
 ROLES = ("prefill", "decode", "both")
 FALLBACKS = ("local", "fail")
-
-
-class Sampling(msgspec.Struct, forbid_unknown_fields=True):
-    """Wire form of engine.types.SamplingParams (validated again when converted)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: list[int] = []
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: list[tuple[int, float]] = []
-    min_tokens: int = 0
-    resumed_output_tokens: int = 0
-
-    def to_params(self) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, seed=self.seed, stop_token_ids=tuple(self.stop_token_ids),
-            ignore_eos=self.ignore_eos, logprobs=self.logprobs,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
-            logit_bias=tuple(tuple(e) for e in self.logit_bias), min_tokens=self.min_tokens,
-            resumed_output_tokens=self.resumed_output_tokens)
-
-    @classmethod
-    def from_params(cls, params: SamplingParams) -> "Sampling":
-        return cls(max_tokens=params.max_tokens, temperature=params.temperature,
-                   top_p=params.top_p, top_k=params.top_k, seed=params.seed,
-                   stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
-                   logprobs=params.logprobs, presence_penalty=params.presence_penalty,
-                   frequency_penalty=params.frequency_penalty,
-                   repetition_penalty=params.repetition_penalty,
-                   logit_bias=[tuple(e) for e in params.logit_bias], min_tokens=params.min_tokens,
-                   resumed_output_tokens=params.resumed_output_tokens)
 
 
 class PrefillTarget(msgspec.Struct, forbid_unknown_fields=True):
@@ -73,7 +34,7 @@ class GenerateRequest(msgspec.Struct, forbid_unknown_fields=True):
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling: Sampling
+    sampling: SamplingParams
     prefill: PrefillTarget | None = None
 
 

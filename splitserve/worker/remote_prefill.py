@@ -30,7 +30,7 @@ from splitserve.transfer.client import FetchCancel, fetch_kv
 from splitserve.transfer.config import FetchResult, Outcome, TransferStats
 from splitserve.worker.engine_api import EngineDeadError, WorkerEngine
 from splitserve.worker.config import WorkerConfig
-from splitserve.worker.prefill_backend import logprobs_from_wire, sampling_for_prefill
+from splitserve.worker.prefill_backend import logprobs_from_wire
 from splitserve.worker.prefill_peers import PrefillPeers
 from splitserve.worker.protocol import PrefillTarget
 
@@ -72,7 +72,7 @@ class RemotePrefill:
         kv_address = await self.peers.resolve(request_id, target)
         block_ids = await self.engine.reserve(request_id, prompt, params)
         kv = self.engine.kv_memory()
-        prefill = PrefillRequest(request_id, list(prompt), sampling_for_prefill(params), len(block_ids))
+        prefill = PrefillRequest(request_id, list(prompt), params, len(block_ids))
         logger.info("request_id=%s reserved %d KV blocks; fetching from prefill worker %s at %s:%d",
                     request_id, len(block_ids), target.worker_id, *kv_address)
         loop = asyncio.get_running_loop()
