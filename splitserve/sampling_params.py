@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import msgspec
 
+from splitserve.structured_output import StructuredOutput
+
 # vLLM's _SAMPLING_EPS: a temperature below it is greedy. Dividing logits by a smaller one
 # overflows float32 (1e-40 turns every logit into +-inf and the probabilities into NaN).
 SAMPLING_EPS = 1e-5
@@ -75,6 +77,10 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
     # The last this-many prompt tokens are output an earlier worker generated (a migrated
     # request is re-sent as prompt + output so far): penalties count them as output.
     resumed_output_tokens: int = 0
+    # What the output must look like (structured_output.py): every engine that samples a
+    # token of this request (P's first, D's, a migration's next D) masks it with the
+    # grammar, which it rebuilds from the output so far (engine/grammar.py).
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
@@ -122,6 +128,9 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
         if not _is_int(self.resumed_output_tokens) or not 0 <= self.resumed_output_tokens <= MAX_TOKEN_ID:
             raise SamplingError(f"resumed_output_tokens must be a non-negative integer, got "
                                 f"{self.resumed_output_tokens!r}", "resumed_output_tokens")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise SamplingError(f"structured must be a StructuredOutput, got {self.structured!r}",
+                                "response_format")
         if self.logprobs is not None and (not _is_int(self.logprobs)
                                           or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise SamplingError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got "
