@@ -29,7 +29,7 @@ from splitserve.transfer import protocol as proto
 from splitserve.transfer.backend import PrefillRequest
 from splitserve.transfer.config import FetchResult, Outcome, TransferConfig, TransferStats
 from splitserve.transfer.handshake import host_id, proof, proof_ok, tune_socket
-from splitserve.transfer.kvmem import KVBlocks, describe_mismatch
+from splitserve.transfer.kvmem import KVBlocks, as_blocks, describe_mismatch
 from splitserve.transfer.shm import ShmReceiver
 from splitserve.transfer.tcp import TcpTransport
 
@@ -91,16 +91,21 @@ class FetchCancel:
 
 class _Fetch:
     def __init__(self, addr, request: PrefillRequest, dest_blocks: Sequence[int],
-                 kv: torch.Tensor, config: TransferConfig, fingerprint: dict[str, str],
-                 cancel: FetchCancel):
+                 kv: torch.Tensor | KVBlocks, config: TransferConfig, fingerprint: dict[str, str],
+                 cancel: FetchCancel, have_blocks: int = 0):
         self.addr, self.req, self.cfg, self.fp = addr, request, config, dict(fingerprint)
         self.cancel = cancel
         self.rid = request.request_id
-        self.blocks = KVBlocks(kv)
+        self.blocks = as_blocks(kv)
         self.dest = list(dest_blocks)
         self.n = len(self.dest)
-        self.verified = bytearray(self.n)
-        self.upto = 0                     # verified prefix length
+        if not 0 <= have_blocks <= self.n:
+            raise ValueError(f"request {self.rid}: have_blocks {have_blocks} outside 0..{self.n}")
+        # Logical blocks < have_blocks are already in D's KV (a local prefix hit): never
+        # requested, never written (P resumes past them, and BLOCKS below are refused).
+        self.have = have_blocks
+        self.verified = bytearray(b"\x01" * have_blocks + bytes(self.n - have_blocks))
+        self.upto = have_blocks           # verified prefix length
         self.first_token: int | None = None
         self.first_logprobs: proto.FirstTokenLogprobs | None = None
         self.bytes = self.resumes = self.checksum_failures = self.sessions = 0
@@ -266,7 +271,7 @@ class _Fetch:
                 f, k = msg.first_block, msg.num_blocks
                 # Bounds before any byte is written: the range must lie inside this
                 # request's reservation and the size must be exactly k blocks.
-                if not (0 <= f and 0 < k and f + k <= self.n and msg.nbytes == k * bn):
+                if not (self.have <= f and 0 < k and f + k <= self.n and msg.nbytes == k * bn):
                     raise proto.ProtocolError(
                         f"BLOCKS {f}+{k} ({msg.nbytes} bytes) outside reservation of "
                         f"{self.n} blocks of {bn} bytes")
@@ -318,17 +323,20 @@ class _Fetch:
 
 
 def fetch_kv(addr: tuple[str, int], request: PrefillRequest, dest_blocks: Sequence[int],
-             kv: torch.Tensor, config: TransferConfig, fingerprint: dict[str, str],
+             kv: torch.Tensor | KVBlocks, config: TransferConfig, fingerprint: dict[str, str],
              stats: TransferStats | None = None,
-             cancel: FetchCancel | None = None) -> FetchResult:
+             cancel: FetchCancel | None = None, have_blocks: int = 0) -> FetchResult:
     """Receive `request`'s KV from the P at `addr`; logical block i lands in kv[dest_blocks[i]].
 
     `dest_blocks` is the reservation: nothing outside those blocks is ever written. Its
     length is the block count sent in PREFILL; P refuses unless it equals
-    ceil(len(token_ids) / block_size).
+    ceil(len(token_ids) / block_size). With `have_blocks` > 0 the first logical blocks are
+    already in D's KV and are not fetched (P must allow it: `KVTransferServer(...,
+    partial_start=True)`).
     """
     t0 = time.monotonic()
-    f = _Fetch(addr, request, dest_blocks, kv, config, fingerprint, cancel or FetchCancel())
+    f = _Fetch(addr, request, dest_blocks, kv, config, fingerprint, cancel or FetchCancel(),
+               have_blocks)
     if f.n == 0:
         raise ValueError(f"request {f.rid}: empty reservation")
     f.blocks.check_ids(f.dest, f"request {f.rid} dest_blocks")

@@ -29,7 +29,7 @@ from splitserve.transfer.config import TransferConfig, TransferStats
 from splitserve.transfer.connection import Connection
 from splitserve.transfer.handshake import host_id, proof, proof_ok, tune_socket
 from splitserve.transfer.job import Job
-from splitserve.transfer.kvmem import KVBlocks, describe_mismatch
+from splitserve.transfer.kvmem import KVBlocks, as_blocks, describe_mismatch
 from splitserve.transfer.shm import ShmSender
 from splitserve.transfer.shmfile import RingPool, shared_kv_file
 from splitserve.transfer.tcp import TcpTransport
@@ -44,15 +44,22 @@ class _Refused(Exception):
 
 
 class KVTransferServer:
-    def __init__(self, kv: torch.Tensor, fingerprint: dict[str, str], config: TransferConfig,
+    def __init__(self, kv: torch.Tensor | KVBlocks, fingerprint: dict[str, str],
+                 config: TransferConfig,
                  backend: PrefillBackend, host: str = "127.0.0.1", port: int = 0,
-                 stats: TransferStats | None = None):
-        self.blocks = KVBlocks(kv)
+                 stats: TransferStats | None = None, partial_start: bool = False):
+        self.blocks = as_blocks(kv)
         self.fingerprint = dict(fingerprint)
         self.config = config
         self.backend = backend
         self.stats = stats or TransferStats()
-        self.blocks_per_frame = max(1, config.frame_bytes // self.blocks.block_nbytes)
+        # A new request may start past block 0 (D holds a prefix already). Off for our
+        # engine, where a PREFILL resuming an unknown request means P lost it (restart,
+        # lease) and D should hear so at once; the vLLM connector's backend itself refuses
+        # transfers it does not know.
+        self.partial_start = partial_start
+        self.blocks_per_frame = max(1, min(config.frame_bytes // self.blocks.block_nbytes,
+                                           self.blocks.max_blocks_per_frame()))
         self._host_id = host_id()
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
@@ -61,7 +68,9 @@ class KVTransferServer:
         self.address: tuple[str, int] = self._lsock.getsockname()[:2]
         self._threads: list[threading.Thread] = []
         self._handshaking = 0           # connections not yet past the handshake; under _lock
-        self._shared_kv = shared_kv_file(kv)    # D can copy straight out of our KV
+        # D can copy straight out of our KV when it is the engine's shared pool; foreign
+        # memory (vLLM's) goes through a ring.
+        self._shared_kv = shared_kv_file(self.blocks.kv) if self.blocks.kv is not None else None
         self._rings = RingPool(self.blocks_per_frame * self.blocks.block_nbytes,
                                config.shm_ring_bytes)
         # Half a ring: P can always fill one half while D empties the other, so batching
@@ -299,7 +308,7 @@ class KVTransferServer:
         with self._lock:
             job = self._jobs.get(p.request_id)
             if job is None:
-                if p.resume_from_block > 0:
+                if p.resume_from_block > 0 and not self.partial_start:
                     raise _Refused("unknown_request", f"request {p.request_id}: nothing to "
                                    "resume (lease expired or prefill worker restarted)")
                 req = PrefillRequest(p.request_id, p.token_ids, p.sampling, p.num_blocks)

@@ -3,8 +3,11 @@
 BLOCKS headers travel over the socket and name, per block, its byte offset in a shared
 file that D maps read-only; D copies each block into its reservation, hashing as it goes.
 The file is either
-- P's KV itself (`allocate_shared_kv`): P copies nothing, one copy in total; or
-- a staging ring: P copies KV -> ring slot first. Every BLOCKS frame is answered by a
+- P's KV itself (`allocate_shared_kv`, our engine's one-plane pool): P copies nothing,
+  one copy in total; the offsets are where each block lies in P's KV; or
+- a staging ring: P copies the frame's payload (plane-major, kvmem.py) into a ring slot
+  first; the offsets then name consecutive blocks' worth of that payload, which D copies
+  in payload order, so any plane layout on either side works. Every BLOCKS frame is answered by a
   NACK or counted in an ACK, in order, so P frees slots FIFO on answers: that is the
   flow control.
 D checks every offset against the file size, so a bad header can neither make D read
@@ -20,7 +23,7 @@ import xxhash
 from splitserve.transfer.kvmem import KVBlocks
 from splitserve.transfer.protocol import Blocks, Channel, ProtocolError
 from splitserve.transfer.shmfile import RingPool, map_readonly
-from splitserve.transfer.transport import BlockReceiver, BlockSender
+from splitserve.transfer.transport import BlockReceiver, BlockSender, chunks
 
 
 class ShmSender(BlockSender):
@@ -111,7 +114,18 @@ class ShmReceiver(BlockReceiver):
             if not 0 <= off <= self.size - bn:
                 raise ProtocolError(f"shm offset {off} (+{bn}) outside file of {self.size} bytes")
         h = xxhash.xxh3_64()
+        off0 = msg.shm_offsets[0]
+        if all(off == off0 + i * bn for i, off in enumerate(msg.shm_offsets)):
+            # One run of payload (a ring slot): copy it in payload order.
+            pos = off0
+            for dst in chunks(self.blocks.views(ids), step):
+                dst[:] = self.mem[pos:pos + len(dst)]
+                h.update(dst)
+                pos += len(dst)
+            return h.intdigest()
         kv = self.blocks.mem
+        if kv is None:
+            raise ProtocolError("shm BLOCKS with scattered offsets for a multi-plane KV")
         for off, b in zip(msg.shm_offsets, ids):
             for k in range(0, bn, step):
                 n = min(step, bn - k)
