@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from splitserve.config import ConfigError, EngineConfig
+from splitserve.engine.grammar import GrammarCache
 from splitserve.engine.kv_cache import KVLayout
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner
@@ -54,6 +55,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.layout, num_blocks, config.device, config.seed, kv_allocator)
         self.eos_token_ids = self.arch.eos_token_ids
+        # Structured output: grammars compiled for this model's tokenizer (on first use).
+        self.grammars = GrammarCache(self.model_dir, self.arch.vocab_size, self.eos_token_ids)
         self._requests: dict[str, Request] = {}   # live: reserved, waiting, running or held
         self._pending: list[RequestOutput] = []   # produced outside step(), returned by the next one
         self._arrivals = 0
@@ -105,6 +108,8 @@ class LLMEngine:
                 f"{params.max_tokens} in the completion). Please reduce the length of the "
                 f"messages or completion.", "messages")
         req = Request(request_id, prompt_token_ids, params, self.eos_token_ids, self._arrivals, hold)
+        if params.structured is not None:
+            req.grammar = self.grammars.state(params.structured)   # RequestError: invalid spec
         self._arrivals += 1
         self._requests[request_id] = req
         return req

@@ -37,6 +37,8 @@ class Request:
         # still reading them (prefill role).
         self.hold = hold
         self.finish_reason: FinishReason | None = None
+        # A structured request's matcher (engine/grammar.GrammarState), set at admission.
+        self.grammar = None
         # Chained hashes of this request's full blocks, extended lazily; token ids of a full
         # block never change, so a computed hash stays valid for the request's lifetime.
         self.block_hashes: list[int] = []

@@ -13,9 +13,11 @@ Each sampled token comes as a Sampled, with its logprobs (TokenLogprobs) when th
 request asked for them: the log-softmax of the raw logits, before temperature, top-k and
 top-p (vLLM's default logprobs mode), computed in one batch for the rows that want it.
 
-A row that cannot be sampled (non-finite logits, probabilities torch refuses, any error
-while sampling it) yields a SampleFailure for that row alone: one request's bad numbers
-must never stop the batch, or the engine.
+A structured request's row is masked first by its grammar (engine/grammar.py), so raw
+logprobs see the mask, as vLLM's do. A row that cannot be sampled (non-finite logits,
+probabilities torch refuses, output that broke its grammar, any error while sampling it)
+yields a SampleFailure for that row alone: one request's bad numbers must never stop the
+batch, or the engine.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from dataclasses import dataclass
 
+from splitserve.engine.grammar import mask_rows
 from splitserve.engine.logits_processors import process_row
 from splitserve.engine.types import SamplingParams, TokenLogprobs
 
@@ -96,6 +99,12 @@ class Sampler:
         read (logits_processors.py); None only where no row's params process logits."""
         raw = logits.float()
         finite = torch.isfinite(raw).all(-1).tolist()
+        refused: dict[int, str] = {}
+        if any(p.structured is not None for p in params):
+            raw = raw.clone()   # NOTE: masked after the finiteness check: -inf is the mask
+            refused = mask_rows(raw, requests)
+            for i in refused:
+                finite[i] = False
         logits = raw
         if any(p.processes_logits for p in params):
             logits = raw.clone()
@@ -105,6 +114,8 @@ class Sampler:
         out: list[int | SampleFailure] = [
             0 if ok else SampleFailure("the model produced non-finite logits (NaN or infinity)")
             for ok in finite]
+        for i, why in refused.items():
+            out[i] = SampleFailure(why)
         greedy = [i for i, p in enumerate(params) if p.greedy and finite[i]]
         if greedy:
             ids = logits[greedy].argmax(-1).tolist()
