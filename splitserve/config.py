@@ -6,7 +6,8 @@ CLI defaults are read from these dataclasses, so a default lives in exactly one 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
@@ -30,6 +31,23 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def option(default: Any = MISSING, *, help: str, flag: str | None = None,
+           type: Callable[[str], Any] | None = None, choices: tuple | None = None,
+           default_factory: Callable[[], Any] | None = None, child: bool = True,
+           repr: bool = True, metavar: str | None = None) -> Any:
+    """A config field that is also a command-line flag (splitserve/cli/config_flags.py
+    builds the flag from it: name, type, default, choices, help).
+
+    flag: the flag's name (default: --FIELD-NAME). type: parses the flag's text (default:
+    the type of `default`). child=False: never passed on to child processes (a secret
+    travels in their environment instead). repr=False keeps the value out of repr()."""
+    meta = {"help": help, "flag": flag, "type": type, "choices": choices, "child": child,
+            "metavar": metavar}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta, repr=repr)
+    return field(default=default, metadata=meta, repr=repr)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything one engine (one worker's model + KV cache + scheduler) needs.
@@ -41,18 +59,25 @@ class EngineConfig:
     engines on one machine must split the cores between them (serve does).
     """
 
-    model: str | None = None
-    served_model_name: str | None = None
-    dtype: str = "auto"
-    device: str = "cpu"
-    block_size: int = 16
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    kv_cache_memory: int | None = None
-    enable_prefix_caching: bool = True
-    seed: int = 0
-    threads: int | None = None
+    model: str | None = option(None, type=str, help="Hugging Face checkpoint directory (default: "
+                               "the embedded SmolLM2-135M-Instruct)")
+    served_model_name: str | None = option(None, type=str, help="model name clients use in "
+                                           "requests (default: derived from --model)")
+    dtype: str = option("auto", choices=DTYPES, help="weights and activations dtype")
+    device: str = option("cpu", help="cpu or cuda[:N]")
+    block_size: int = option(16, help="tokens per KV cache block")
+    max_model_len: int | None = option(None, type=int, help="longest sequence, prompt + output "
+                                       "(default: the model's max_position_embeddings)")
+    max_num_seqs: int = option(64, help="most requests in one running batch")
+    max_num_batched_tokens: int = option(2048, help="token budget of one engine step (chunked "
+                                         "prefill beyond it)")
+    kv_cache_memory: int | None = option(None, type=parse_size, help="KV cache pool size, e.g. "
+                                         "2GiB (default: sized from the model)")
+    enable_prefix_caching: bool = option(True, help="reuse KV blocks of shared prompt prefixes")
+    seed: int = option(0, help="engine seed for requests without their own")
+    threads: int | None = option(None, type=int, help="torch threads for this engine's compute "
+                                 "(default: one per core; serve divides the cores among the "
+                                 "workers it starts)")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -76,5 +101,6 @@ class EngineConfig:
 
 
 def defaults(cls) -> dict:
-    """Field defaults of a config dataclass, for argparse."""
-    return {f.name: f.default for f in fields(cls)}
+    """Field defaults of a config dataclass."""
+    return {f.name: f.default_factory() if f.default is MISSING else f.default
+            for f in fields(cls)}

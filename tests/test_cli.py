@@ -16,8 +16,15 @@ import pytest
 from live_server import child_pids, pid_alive, start_serve
 from splitserve.cli.engine_args import engine_argv, engine_config_from_args
 from splitserve.cli.main import build_parser
-from splitserve.cli.serve_cmd import _check_discovery, _discovery_argv, _worker_argv, _worker_roles
+from splitserve.cli.discovery_args import discovery_argv, discovery_config
+from splitserve.cli.engine_args import transfer_argv, worker_config_from_args
+from splitserve.cli.serve_cmd import _check_discovery, _worker_argv, _worker_roles
 from splitserve.config import EngineConfig, defaults
+from splitserve.discovery.config import DiscoveryConfig
+from splitserve.discovery.etcd_store import EtcdDiscoveryConfig
+from splitserve.discovery.file_store import FileDiscoveryConfig
+from splitserve.transfer.config import TransferConfig
+from splitserve.worker.config import WorkerConfig
 
 
 def _config(argv):
@@ -28,6 +35,28 @@ def _config(argv):
 
 def test_engine_flag_defaults_come_from_engine_config():
     assert dataclasses.asdict(_config(["worker"])) == defaults(EngineConfig)
+
+
+def test_transfer_worker_and_discovery_flag_defaults_come_from_their_configs():
+    args = build_parser().parse_args(["worker"])
+    assert worker_config_from_args(args.parser, args) == WorkerConfig()
+    assert discovery_config(args.parser, args) == DiscoveryConfig()
+    # One TTL default for the flag and every backend.
+    assert DiscoveryConfig().ttl_s == EtcdDiscoveryConfig("h").ttl_s == FileDiscoveryConfig("d").ttl_s
+
+
+def test_transfer_flags_round_trip_through_a_child_command_line():
+    args = build_parser().parse_args([
+        "serve", "--kv-transport", "shm", "--kv-stall-timeout", "7.5", "--kv-busy-timeout", "60",
+        "--kv-lease", "20", "--kv-fallback", "fail", "--advertise-host", "10.1.2.3",
+        "--kv-fetch-threads", "3", "--kv-peers", "10.1.2.4:9000,10.1.2.5"])
+    child = build_parser().parse_args(["worker", *transfer_argv(args)])
+    expected = WorkerConfig(advertise_host="10.1.2.3", kv_fallback="fail", kv_fetch_threads=3,
+                            kv_peers=("10.1.2.4:9000", "10.1.2.5"),
+                            transfer=TransferConfig(transport="shm", stall_timeout=7.5,
+                                                    busy_timeout=60.0, lease=20.0,
+                                                    heartbeat_interval=2.5))
+    assert worker_config_from_args(child.parser, child) == expected
 
 
 def test_engine_flags_round_trip_through_a_child_command_line():
@@ -97,7 +126,7 @@ def test_serve_passes_engine_and_transfer_flags_to_its_workers_but_not_the_secre
                            "--kv-lease", "12", "--kv-fallback", "fail", "--kv-secret", "s3cret",
                            "--advertise-host", "10.0.0.7"])
     config = engine_config_from_args(parser, args)
-    discovery = _discovery_argv("etcd://10.0.0.9:2379", _serve(
+    discovery = discovery_argv("etcd://10.0.0.9:2379", _serve(
         ["--namespace", "prod", "--discovery-ttl", "4"])[1])
     prefill = _worker_argv("prefill", tmp_path / "p.port", args, config, discovery, "prefill-0-h-1")
     decode = _worker_argv("decode", tmp_path / "d.port", args, config, discovery, "decode-0-h-1")

@@ -50,7 +50,7 @@ def test_file_discovery_registers_ready_worker_with_load_and_withdraws_on_sigter
         assert p.kv_blocks_total > 0 and p.kv_blocks_in_use == 0
         # Load is republished (every ttl/3) while a request runs on the decode worker.
         req = p_.GenerateRequest("disc-1", list(range(1, 40)),
-                                 p_.Sampling(max_tokens=3000, temperature=0.0, ignore_eos=True),
+                                 p_.SamplingParams(max_tokens=3000, temperature=0.0, ignore_eos=True),
                                  prefill.target())
         with httpx.stream("POST", f"{decode.url}/generate", content=p_.encode(req), timeout=30,
                           headers={"content-type": "application/json"}) as resp:

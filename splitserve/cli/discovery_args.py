@@ -1,7 +1,7 @@
-"""Discovery flags shared by `worker`, `frontend` and `serve`: where workers are found
-(--discovery, the forms parse_discovery accepts), the namespace they share, how long
-a dead worker stays listed, and how to reach etcd (TLS files, user; the password only
-from the environment, like the deployment's secret)."""
+"""Discovery flags shared by `worker`, `frontend`, `serve` and `doctor`, generated from
+DiscoveryConfig: where workers are found (--discovery, the forms parse_discovery accepts),
+the namespace they share, how long a dead worker stays listed, and how to reach etcd (TLS
+files, user; the password only from the environment, like the deployment's secret)."""
 
 from __future__ import annotations
 
@@ -9,41 +9,36 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from splitserve.cli import config_flags
+from splitserve.config import ConfigError
+from splitserve.discovery.config import DiscoveryConfig
+
 # No etcd import here: the client is slow to import, and `splitserve --help` is not.
 PASSWORD_ENV = "SPLITSERVE_ETCD_PASSWORD"
-_ETCD_FLAGS = ("etcd_cacert", "etcd_cert", "etcd_key", "etcd_user")
 
 if TYPE_CHECKING:
     from splitserve.discovery import Discovery
-
-DEFAULT_TTL_S = 10
 
 
 def add_discovery_args(parser: argparse.ArgumentParser, role: str) -> None:
     """role: 'worker' (registers itself, so it also gets --worker-id) or any other part
     that only reads discovery."""
     group = parser.add_argument_group("discovery")
-    group.add_argument("--discovery", metavar="URL", default=None,
-                       help="where workers are registered: file:DIR, etcd://HOST:PORT or "
-                            "static:URL[,URL...] (default: none, not registered)")
-    group.add_argument("--namespace", default="default",
-                       help="etcd key prefix shared by one deployment's frontends and workers "
-                            "(default: %(default)s)")
-    group.add_argument("--discovery-ttl", type=int, default=DEFAULT_TTL_S, metavar="SECONDS",
-                       help="a worker that stops heartbeating (died) is dropped after this long "
-                            "(default: %(default)s)")
-    group.add_argument("--etcd-cacert", metavar="FILE", default=None,
-                       help="etcd over TLS: the CA bundle that signed etcd's certificate")
-    group.add_argument("--etcd-cert", metavar="FILE", default=None,
-                       help="etcd over TLS: this process's client certificate (with --etcd-key)")
-    group.add_argument("--etcd-key", metavar="FILE", default=None,
-                       help="etcd over TLS: the client certificate's private key")
-    group.add_argument("--etcd-user", metavar="NAME", default=None,
-                       help=f"etcd user; its password comes from ${PASSWORD_ENV}")
+    config_flags.add_flags(group, DiscoveryConfig)
     if role == "worker":
         group.add_argument("--worker-id", default=None,
                            help="this worker's name in discovery, unique in the namespace "
                                 "(default: ROLE-HOSTNAME-PID)")
+
+
+def discovery_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> DiscoveryConfig:
+    try:
+        config = DiscoveryConfig(**config_flags.values(DiscoveryConfig, args))
+    except ConfigError as e:
+        parser.error(str(e))
+    if config.etcd_user is not None and not os.environ.get(PASSWORD_ENV):
+        parser.error(f"--etcd-user {config.etcd_user} needs its password in ${PASSWORD_ENV}")
+    return config
 
 
 def discovery_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Discovery | None:
@@ -53,27 +48,25 @@ def discovery_from_args(parser: argparse.ArgumentParser, args: argparse.Namespac
     from splitserve.discovery import DiscoveryError, parse_discovery
     from splitserve.discovery.etcd_client import EtcdAuth
 
-    if args.discovery_ttl <= 0:
-        parser.error(f"--discovery-ttl must be positive, got {args.discovery_ttl}")
-    given = [f"--{f.replace('_', '-')}" for f in _ETCD_FLAGS if getattr(args, f) is not None]
-    if given and not (args.discovery or "").startswith("etcd:"):
-        parser.error(f"{', '.join(given)} apply to etcd discovery (--discovery etcd://HOST:PORT)")
-    if args.discovery is None:
+    config = discovery_config(parser, args)
+    if config.url is None:
         return None
-    if args.etcd_user is not None and not os.environ.get(PASSWORD_ENV):
-        parser.error(f"--etcd-user {args.etcd_user} needs its password in ${PASSWORD_ENV}")
     try:
-        auth = EtcdAuth(cacert=args.etcd_cacert, cert=args.etcd_cert, key=args.etcd_key,
-                        user=args.etcd_user,
-                        password=os.environ.get(PASSWORD_ENV) if args.etcd_user else None)
-        return parse_discovery(args.discovery, namespace=args.namespace, ttl_s=args.discovery_ttl,
+        auth = EtcdAuth(cacert=config.etcd_cacert, cert=config.etcd_cert, key=config.etcd_key,
+                        user=config.etcd_user,
+                        password=os.environ.get(PASSWORD_ENV) if config.etcd_user else None)
+        return parse_discovery(config.url, namespace=config.namespace, ttl_s=config.ttl_s,
                                etcd_auth=auth)
     except DiscoveryError as e:
         parser.error(str(e))
 
 
-def etcd_argv(args: argparse.Namespace) -> list[str]:
-    """The etcd flags in `args`, for child processes (the password stays in the
-    environment they inherit)."""
-    return [a for f in _ETCD_FLAGS if getattr(args, f) is not None
-            for a in (f"--{f.replace('_', '-')}", getattr(args, f))]
+def discovery_argv(url: str, args: argparse.Namespace) -> list[str]:
+    """The discovery flags in `args`, pointing at `url`, for child processes (the etcd
+    password stays in the environment they inherit)."""
+    given = {**config_flags.values(DiscoveryConfig, args), "url": url}
+    return config_flags.argv(DiscoveryConfig, given)
+
+
+__all__ = ["PASSWORD_ENV", "add_discovery_args", "discovery_argv",
+           "discovery_config", "discovery_from_args"]

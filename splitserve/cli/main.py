@@ -14,11 +14,10 @@ from splitserve.bench import BENCHES
 from splitserve.cli.deploy_cmd import add_arguments as add_deploy_arguments
 from splitserve.cli.discovery_args import add_discovery_args
 from splitserve.cli.doctor_cmd import add_arguments as add_doctor_arguments
-from splitserve.cli.engine_args import add_engine_arguments, add_transfer_args
+from splitserve.cli.engine_args import add_engine_arguments, add_transfer_args, add_worker_args
 from splitserve.cli.frontend_args import add_frontend_args
 from splitserve.cli.logs import LEVELS
 from splitserve.cli.supervision_args import add_supervision_args
-from splitserve.worker.protocol import ROLES
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -69,12 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run one engine behind the internal worker API")
     _listen(worker, 0, "internal API")
-    worker.add_argument("--role", choices=ROLES, default="both",
-                        help="what this worker does (default: %(default)s)")
+    add_worker_args(worker)
     worker.add_argument("--port-file", help="write the bound port here once listening")
-    worker.add_argument("--kv-port", type=int, default=0,
-                        help="prefill role: the port KV is served on; 0 picks a free one "
-                             "(default: %(default)s)")
     add_engine_arguments(worker)
     add_transfer_args(worker)
     add_discovery_args(worker, role="worker")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from splitserve.cli.discovery_args import discovery_from_args, etcd_argv
+from splitserve.cli.discovery_args import discovery_argv, discovery_from_args
 from splitserve.cli.engine_args import (engine_argv, engine_config_from_args, transfer_argv,
                                         worker_config_from_args)
 from splitserve.cli.frontend_args import api_key_from_env, frontend_argv, frontend_config_from_args
@@ -79,11 +79,6 @@ def _check_discovery(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if args.discovery is not None and args.discovery.startswith("static:"):
         parser.error("serve's workers register themselves: --discovery must be file:DIR or "
                      "etcd://HOST:PORT, not a static list")
-
-
-def _discovery_argv(url: str, args: argparse.Namespace) -> list[str]:
-    return ["--discovery", url, "--namespace", args.namespace,
-            "--discovery-ttl", str(args.discovery_ttl), *etcd_argv(args)]
 
 
 def _worker_argv(role: str, port_file: Path, args: argparse.Namespace, config: EngineConfig,
@@ -135,7 +130,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # The temporary directory holds the port files and, without --discovery, the file
     # discovery store: both go when serve ends.
     with tempfile.TemporaryDirectory(prefix="splitserve-") as tmp:
-        discovery = _discovery_argv(args.discovery or f"file:{Path(tmp) / 'discovery'}", args)
+        discovery = discovery_argv(args.discovery or f"file:{Path(tmp) / 'discovery'}", args)
         logger.info("discovery: %s", " ".join(discovery))
         try:
             for name, role in roles:

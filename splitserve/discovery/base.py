@@ -14,6 +14,10 @@ from typing import AsyncIterator
 
 from splitserve.discovery.record import WatchEvent, WorkerRecord
 
+# How long a worker that stopped heartbeating (died) stays listed, in whole seconds (etcd
+# leases are): every backend's default and the --discovery-ttl flag's.
+DEFAULT_TTL_S = 10
+
 
 class DiscoveryError(Exception):
     """Discovery was misconfigured or misused, or its backend refused an operation."""

@@ -1,7 +1,7 @@
 """etcd discovery, for many machines: one key per worker, attached to a lease.
 
 Key: /splitserve/<namespace>/workers/<worker_id>, value: the JSON record. The worker's
-lease (TTL default 10 s) is kept alive from this process; when the process dies the
+lease (TTL default DEFAULT_TTL_S) is kept alive from this process; when the process dies the
 keep-alives stop, etcd expires the lease and deletes the key, and every watching frontend
 sees the delete. Watchers take a snapshot and then watch from the snapshot's revision, so
 no change falls between the two; after any watch failure they resynchronise the same way
@@ -20,7 +20,7 @@ import aetcd.exceptions
 import aetcd.rtypes
 import msgspec
 
-from splitserve.discovery.base import (Discovery, DiscoveryError, diff_snapshots,
+from splitserve.discovery.base import (DEFAULT_TTL_S, Discovery, DiscoveryError, diff_snapshots,
                                        sleep_unless_closed, stop_and_withdraw)
 from splitserve.discovery.etcd_client import EtcdAuth, EtcdClient
 from splitserve.discovery.record import WatchEvent, WorkerRecord, decode_record, encode_record
@@ -46,7 +46,7 @@ class EtcdDiscoveryConfig:
     host: str
     port: int = 2379
     namespace: str = "default"
-    ttl_s: int = 10
+    ttl_s: int = DEFAULT_TTL_S
     keepalive_s: float | None = None
     rpc_timeout_s: float = 5.0
     auth: EtcdAuth = field(default_factory=EtcdAuth)

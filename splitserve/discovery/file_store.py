@@ -27,7 +27,7 @@ from typing import AsyncIterator
 
 import msgspec
 
-from splitserve.discovery.base import (Discovery, DiscoveryError, diff_snapshots,
+from splitserve.discovery.base import (DEFAULT_TTL_S, Discovery, DiscoveryError, diff_snapshots,
                                        sleep_unless_closed, stop_and_withdraw)
 from splitserve.discovery.record import WatchEvent, WorkerRecord, decode_record, encode_record
 
@@ -42,7 +42,7 @@ class FileDiscoveryConfig:
     event loop) before readers drop the worker."""
 
     directory: Path
-    ttl_s: float = 10.0
+    ttl_s: float = DEFAULT_TTL_S
     heartbeat_s: float | None = None
     poll_s: float = 0.5
 

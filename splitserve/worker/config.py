@@ -12,7 +12,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from splitserve.config import ConfigError
+from splitserve.config import ConfigError, option
 from splitserve.transfer.config import TransferConfig
 from splitserve.worker.protocol import FALLBACKS, ROLES
 
@@ -22,18 +22,25 @@ _WILDCARDS = ("0.0.0.0", "::", "")
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    role: str = "both"
+    role: str = option("both", choices=ROLES, help="what this worker does")
     host: str = "127.0.0.1"
-    advertise_host: str | None = None   # default: host (or this machine's name when host is a wildcard)
-    kv_port: int = 0                    # prefill role: the KV port; 0 picks a free one
-    kv_fallback: str = "local"          # decode role: what an unrecoverable transfer does
+    advertise_host: str | None = option(None, type=str, help=(
+        "address peers use to reach this worker (default: --host)"))
+    kv_port: int = option(0, help="prefill role: the port KV is served on; 0 picks a free one")
+    kv_fallback: str = option("local", flag="--kv-fallback", choices=FALLBACKS, help=(
+        "on an unrecoverable transfer: compute the rest locally, reusing verified blocks, "
+        "or fail the request"))
     transfer: TransferConfig = field(default_factory=TransferConfig)
     # decode role: KV fetches on their own bounded pool, so fetches waiting on a busy
     # prefill worker can never starve the event loop's executor (discovery keep-alive).
-    kv_fetch_threads: int = 8
+    kv_fetch_threads: int = option(8, help=(
+        "decode: KV fetches running at once; more wait their turn in order"))
     # decode role without discovery: the prefill KV ports it may connect to, as "HOST"
     # (any port) or "HOST:PORT". With discovery, only registered prefill workers.
-    kv_peers: tuple[str, ...] = ()
+    kv_peers: tuple[str, ...] = option((), help=(
+        "decode: comma-separated HOST or HOST:PORT of prefill KV ports this worker may fetch "
+        "from, for setups without --discovery (with discovery it fetches only from prefill "
+        "workers registered there)"))
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
