@@ -18,6 +18,7 @@ from splitserve.cli.engine_args import add_engine_arguments, add_transfer_args, 
 from splitserve.cli.frontend_args import add_frontend_args
 from splitserve.cli.logs import LEVELS
 from splitserve.cli.supervision_args import add_supervision_args
+from splitserve.cli.vllm_args import add_vllm_arguments
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--aggregated", action="store_true",
                        help="one `both` worker doing prefill and decode, no KV transfer")
     add_engine_arguments(serve)
+    add_vllm_arguments(serve)
     add_transfer_args(serve)
     add_frontend_args(serve)
     add_discovery_args(serve, "serve")
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_worker_args(worker)
     worker.add_argument("--port-file", help="write the bound port here once listening")
     add_engine_arguments(worker)
+    add_vllm_arguments(worker)
     add_transfer_args(worker)
     add_discovery_args(worker, role="worker")
     _common(worker)

@@ -39,6 +39,7 @@ from splitserve.cli.frontend_args import api_key_from_env, frontend_argv, fronte
 from splitserve.cli.logs import configure_logging
 from splitserve.cli.supervision_args import restart_policy_from_args
 from splitserve.cli.supervisor import RestartLimitReached, Supervisor
+from splitserve.cli.vllm_args import vllm_argv, vllm_options_from_args
 from splitserve.config import EngineConfig
 from splitserve.frontend.auth import API_KEY_ENV
 from splitserve.worker.config import SECRET_ENV
@@ -88,7 +89,8 @@ def _worker_argv(role: str, port_file: Path, args: argparse.Namespace, config: E
     kv = ["--kv-port", "0"] if role == "prefill" else []
     return [*_BASE, "worker", "--role", role, "--host", "127.0.0.1", "--port", "0",
             "--port-file", str(port_file), *kv, "--worker-id", worker_id,
-            "--log-level", args.log_level, *engine_argv(config), *transfer_argv(args), *discovery]
+            "--log-level", args.log_level, *engine_argv(config), *vllm_argv(args),
+            *transfer_argv(args), *discovery]
 
 
 def _split_cores(config: EngineConfig, workers: int) -> EngineConfig:
@@ -108,6 +110,7 @@ def _split_cores(config: EngineConfig, workers: int) -> EngineConfig:
 def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     config = engine_config_from_args(parser, args)
     roles = _worker_roles(parser, args)
+    vllm_options_from_args(parser, args, "both" if args.aggregated else "prefill")
     frontend_config_from_args(parser, args)
     _check_discovery(parser, args)
     policy = restart_policy_from_args(parser, args)

@@ -17,6 +17,7 @@ from splitserve.cli.engine_args import engine_config_from_args, worker_config_fr
 from splitserve.cli.http_server import HttpServer
 from splitserve.cli.logs import configure_logging
 from splitserve.cli.supervisor import RESTARTS_ENV
+from splitserve.cli.vllm_args import vllm_options_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     restarts = os.environ.get(RESTARTS_ENV, "0")
     if not restarts.isdigit():
         parser.error(f"${RESTARTS_ENV} must be a non-negative integer, got {restarts!r}")
+    vllm_options = vllm_options_from_args(parser, args, worker_config.role)
     # The role in every line: in `serve`'s combined output prefill and decode lines differ.
     configure_logging(f"worker {worker_config.role}", args.log_level)
     # Heavy imports (torch, the model code) after argument errors had their chance.
@@ -57,8 +59,12 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         from splitserve.transfer.shmfile import allocate_shared_kv as kv_allocator
 
     publisher = KVEventPublisher(worker_id)
-    engine = AsyncEngine(lambda: LLMEngine(config, kv_allocator=kv_allocator), on_fatal,
-                         on_kv_events=publisher.publish)
+    if vllm_options is not None:
+        from splitserve.worker.vllm_engine import VllmEngine
+        engine = VllmEngine(config, vllm_options, on_fatal, on_kv_events=publisher.publish)
+    else:
+        engine = AsyncEngine(lambda: LLMEngine(config, kv_allocator=kv_allocator), on_fatal,
+                             on_kv_events=publisher.publish)
     registration = None
     if discovery is not None:
         registration = WorkerRegistration(discovery, worker_id, worker_config.role,

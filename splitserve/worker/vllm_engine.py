@@ -1,0 +1,305 @@
+"""vLLM behind the worker's engine seam (engine_api.WorkerEngine): `--engine vllm`.
+
+vLLM's AsyncLLM runs in this process, on the worker's event loop; its scheduler and model
+run in processes of its own (EngineCore, and one worker process per tensor-parallel
+rank), which it starts and stops. Building it takes a while (spawning those processes,
+loading the weights, sizing the KV cache), so it is built on a thread while the HTTP
+server already answers /live and /health (503, loading).
+
+What the worker gets from it:
+- requests: add() turns our SamplingParams into vLLM's (vllm_sampling.py) and vLLM's
+  output deltas into our RequestOutput stream; abort();
+- stats(): vLLM's scheduler stats (vllm_stats.py) plus the prompt tokens of requests
+  still waiting for their first token (the router's view of queued prefill work);
+- KV events: vLLM publishes its prefix cache's changes (vllm_kv_listener.py), which are
+  re-hashed into the block hashes our router computes (vllm_kv_translate.py).
+
+A disaggregated vLLM deployment moves KV inside vLLM, through its KV connector, not
+through this seam: reserve/commit and held prefills are refused here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from splitserve.config import EngineConfig
+from splitserve.engine.types import EngineStats, RequestOutput, SamplingParams, TokenLogprobs
+from splitserve.kvtypes.events import AllCleared, KVEvent
+from splitserve.worker.engine_api import (
+    CapacityError, EngineDeadError, EngineInfo, EngineState, HeldSink, KVMemory, RequestError,
+    RequestFailed, WorkerEngine)
+from splitserve.worker.tokenizer_files import TOKENIZER_FILE_NAMES
+from splitserve.worker.vllm_kv_listener import VllmKVEventListener
+from splitserve.worker.vllm_kv_translate import VllmKVTranslator
+from splitserve.worker.vllm_options import VllmOptions, cpu_thread_env, engine_kwargs
+from splitserve.worker.vllm_sampling import from_vllm, to_vllm
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_HEALTH_POLL_S = 1.0
+_NO_KV_SEAM = ("vLLM workers move KV through vLLM's KV connector, not the worker's transfer: "
+               "this worker serves the aggregated role only")
+
+
+class VllmEngine(WorkerEngine):
+    def __init__(self, config: EngineConfig, options: VllmOptions,
+                 on_fatal: Callable[[str], None],
+                 on_kv_events: Callable[[list[KVEvent]], None] | None = None):
+        super().__init__(on_fatal, on_kv_events)
+        self._config = config
+        self._options = options
+        self._llm: Any = None               # vllm AsyncLLM, once built
+        self._info: EngineInfo | None = None
+        self._stats: EngineStats | None = None
+        # Request id -> its prompt tokens not computed yet (0 from its first output on).
+        # Event loop only.
+        self._live: dict[str, int] = {}
+        self._translator: VllmKVTranslator | None = None
+        self._listener = VllmKVEventListener(self._on_vllm_events, self._on_events_lost)
+        # NOTE: held while a batch of events is translated and handed to on_kv_events, and
+        # while a snapshot is taken: a snapshot always falls between two batches.
+        self._events_lock = threading.Lock()
+        self._tasks: set[asyncio.Task] = set()      # aborts and watchers in flight
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifecycle and description --------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._spawn(self._load())
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._llm is not None:
+            self._llm.shutdown(timeout=timeout)
+        self._listener.close()
+
+    def info(self) -> EngineInfo | None:
+        return self._info
+
+    def kv_memory(self) -> KVMemory | None:
+        """None: vLLM's KV cache lives in its own worker processes."""
+        return None
+
+    def stats(self) -> EngineStats | None:
+        if self._stats is None:
+            return None
+        return dataclasses.replace(self._stats, num_pending_prefill_tokens=sum(self._live.values()))
+
+    # --- requests -------------------------------------------------------------------------
+    async def add(self, request_id: str, prompt_token_ids: list[int],
+                  params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        llm = self._ready()
+        if request_id in self._live:
+            raise RequestError(f"request id {request_id!r} is already in use", "request_id")
+        from vllm.exceptions import GracefulHTTPError, VLLMClientError
+        from vllm.inputs.engine import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+
+        vllm_params = to_vllm(request_id, params)
+        try:
+            collector = await llm.add_request(request_id, tokens_input(list(prompt_token_ids)),
+                                              vllm_params)
+        except VLLMClientError as e:
+            raise RequestError(str(e), getattr(e, "parameter", None) or "prompt") from e
+        except GracefulHTTPError as e:
+            raise CapacityError(str(e)) from e
+        except VllmEngineDead as e:
+            raise EngineDeadError(f"the vLLM engine died: {e}") from e
+        self._live[request_id] = len(prompt_token_ids)
+        return self._iterate(request_id, collector, len(prompt_token_ids), params.logprobs)
+
+    async def _iterate(self, request_id: str, collector: Any, num_prompt_tokens: int,
+                       num_logprobs: int | None) -> AsyncIterator[RequestOutput]:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+        finished = False
+        try:
+            while not finished:
+                try:
+                    out = collector.get_nowait() or await collector.get()
+                except VllmEngineDead as e:
+                    raise EngineDeadError(f"the vLLM engine died: {e}") from e
+                self._live[request_id] = 0
+                item = from_vllm(request_id, out, num_prompt_tokens, num_logprobs)
+                finished = item.finished
+                if item.error is not None:
+                    raise RequestFailed(item.error)
+                yield item
+        finally:
+            self._live.pop(request_id, None)
+            collector.close()
+            if not finished:
+                logger.info("request_id=%s aborted by its caller", request_id)
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        if self._llm is not None and not self._stopping:
+            self._spawn(self._llm.abort(request_id))
+
+    async def reserve(self, request_id: str, prompt_token_ids: list[int],
+                      params: SamplingParams) -> list[int]:
+        raise RequestError(_NO_KV_SEAM, "prefill")
+
+    async def commit(self, request_id: str, num_computed_tokens: int, first_token: int | None,
+                     first_logprobs: TokenLogprobs | None = None) -> AsyncIterator[RequestOutput]:
+        raise RequestError(_NO_KV_SEAM, "prefill")
+
+    def submit_held(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    sink: HeldSink) -> None:
+        sink.put(RequestError(_NO_KV_SEAM, "prefill"))
+
+    def release_held(self, request_id: str) -> None:
+        """submit_held never holds anything here, so there is nothing to release."""
+
+    # --- KV cache events ------------------------------------------------------------------
+    async def kv_snapshot(self, take: Callable[[list[KVEvent]], T]) -> T:
+        self._ready()
+        with self._events_lock:
+            return take(self._translator.snapshot())
+
+    def _on_vllm_events(self, events: list[Any]) -> None:
+        """The listener thread: one batch of vLLM's events, in order."""
+        with self._events_lock:
+            ours = self._translator.translate(events)
+            if ours and self._on_kv_events is not None:
+                self._on_kv_events(ours)
+
+    def _on_events_lost(self) -> None:
+        with self._events_lock:
+            self._translator.clear()
+            if self._on_kv_events is not None:
+                self._on_kv_events([AllCleared()])
+
+    # --- loading --------------------------------------------------------------------------
+    async def _load(self) -> None:
+        try:
+            llm = await asyncio.to_thread(self._build)
+        except Exception as e:  # noqa: BLE001 - any load failure ends this worker
+            logger.exception("vLLM engine failed to load")
+            self._fail(f"model load failed: {e}")
+            return
+        if self._stopping:
+            llm.shutdown()
+            return
+        self._llm = llm
+        self._stats = EngineStats(kv_blocks_total=llm.vllm_config.cache_config.num_gpu_blocks or 0)
+        self.state = EngineState.READY
+        logger.info("engine ready: %s",
+                    " ".join(f"{k}={v}" for k, v in self._fingerprint(llm).items()))
+        self._spawn(self._watch(llm))
+
+    def _build(self) -> Any:
+        """On a thread: start vLLM (its processes, weights, KV cache). Returns the AsyncLLM."""
+        model = _model_argument(self._config.model)
+        os.environ.update(cpu_thread_env(self._config.threads, self._options.tensor_parallel_size))
+        from vllm.config.kv_events import KVEventsConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from splitserve.worker.vllm_stats import VllmStatsCollector
+
+        events = KVEventsConfig(enable_kv_cache_events=self._config.enable_prefix_caching,
+                                publisher="zmq", endpoint=self._listener.endpoint,
+                                replay_endpoint=self._listener.replay_endpoint)
+        args = AsyncEngineArgs(**engine_kwargs(self._config, self._options, model),
+                               kv_events_config=events, disable_log_stats=True)
+        collector = functools.partial(VllmStatsCollector, on_stats=self._on_stats)
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[collector])
+        try:
+            block_size = llm.vllm_config.cache_config.block_size
+            self._translator = VllmKVTranslator(block_size)
+            self._listener.start()
+            mc = llm.model_config
+            self._info = EngineInfo(
+                model_name=self._config.served_model_name or _model_name(self._config.model, model),
+                model_dir=_local_dir(model), max_model_len=mc.max_model_len,
+                block_size=block_size, eos_token_ids=_eos_token_ids(mc))
+        except BaseException:
+            llm.shutdown()
+            raise
+        return llm
+
+    def _on_stats(self, stats: EngineStats) -> None:
+        self._stats = stats
+
+    async def _watch(self, llm: Any) -> None:
+        """vLLM's engine processes can die between requests too: notice it then."""
+        while not llm.errored:
+            await asyncio.sleep(_HEALTH_POLL_S)
+        self._fail(f"the vLLM engine died: {llm.dead_error}")
+
+    def _fail(self, reason: str) -> None:
+        if self.state is EngineState.FAILED or self._stopping:
+            return
+        self.state = EngineState.FAILED
+        self.failure = reason
+        self._on_fatal(reason)
+
+    def _ready(self) -> Any:
+        if self.state is not EngineState.READY:
+            raise EngineDeadError(f"engine is {self.state.value}")
+        return self._llm
+
+    def _spawn(self, coro) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _fingerprint(self, llm: Any) -> dict[str, str]:
+        """What this worker's KV means (what a KV hand-off between two vLLM workers must
+        agree on), for the log."""
+        import vllm
+        mc, cc = llm.model_config, llm.vllm_config.cache_config
+        return {"engine": "vllm", "vllm_version": vllm.__version__, "model": str(mc.model),
+                "dtype": str(mc.dtype).removeprefix("torch."), "block_size": str(cc.block_size),
+                "max_model_len": str(mc.max_model_len),
+                "tensor_parallel_size": str(llm.vllm_config.parallel_config.tensor_parallel_size)}
+
+
+def _model_argument(model: str | None) -> str:
+    """What vLLM loads: a local checkpoint directory as is; the embedded default or a .gguf
+    converted once into our cache (as our engine does); anything else is vLLM's to
+    resolve (a Hugging Face model id, which vLLM downloads)."""
+    path = Path(model).expanduser() if model is not None else None
+    if path is not None and path.is_dir():
+        return str(path.absolute())
+    if path is None or path.suffix == ".gguf":
+        from splitserve.model.registry import resolve_model
+        return str(resolve_model(model))
+    return model
+
+
+def _model_name(model: str | None, loaded: str) -> str:
+    from splitserve.model.registry import DEFAULT_MODEL_NAME
+    return DEFAULT_MODEL_NAME if model is None else Path(loaded).name
+
+
+def _local_dir(model: str) -> Path:
+    """Where the tokenizer files are: the directory, or a Hugging Face id's snapshot in
+    the local cache (vLLM downloaded it)."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(model, local_files_only=True,
+                                  allow_patterns=list(TOKENIZER_FILE_NAMES)))
+
+
+def _eos_token_ids(model_config: Any) -> tuple[int, ...]:
+    """The model's EOS ids as ours reads them: config.json's, then generation_config's."""
+    ids: list[int] = []
+    for value in (model_config.hf_config.eos_token_id,
+                  model_config.try_get_generation_config().get("eos_token_id")):
+        ids += value if isinstance(value, list) else [value] if value is not None else []
+    return tuple(dict.fromkeys(ids))
