@@ -72,3 +72,27 @@ def test_n_out_of_range_is_a_400_naming_n(servers):
         with pytest.raises(openai.BadRequestError) as e, _client(agg) as c:
             c.chat.completions.create(messages=CHAT, n=n, **SEEDED)
         assert e.value.body["param"] == "n"
+
+
+@pytest.mark.parametrize("mode", ["aggregated", "disaggregated"])
+def test_n_choices_share_one_prefill_and_one_kv_transfer(servers, mode):
+    """The prompt is computed once (on the prefill worker, transferred once), and the
+    other choices reuse its blocks from the prefix cache of choice 0's worker."""
+    srv = servers[0] if mode == "aggregated" else servers[1]
+    compute_url = srv.workers["both" if mode == "aggregated" else "prefill"][0]
+    decode_url = srv.workers["both" if mode == "aggregated" else "decode"][0]
+    prompt = [(7 * i + 3) % 200 + 10 for i in range(100)]    # 6 full blocks of 16, 4 tokens over
+    computed = srv.worker_metric("splitserve_prompt_tokens_computed_total", compute_url)
+    decode_computed = srv.worker_metric("splitserve_prompt_tokens_computed_total", decode_url)
+    transfers = srv.worker_metric("splitserve_kv_transfers_total", decode_url)
+    hits = srv.worker_metric("splitserve_prefix_cache_hits_total", decode_url)
+    with _client(srv) as c:
+        resp = c.completions.create(prompt=prompt, n=3, **SEEDED)
+    assert len({ch.text for ch in resp.choices}) == 3 and resp.usage.prompt_tokens == 100
+    # Choice 0's whole prompt where it was computed, plus each sibling's 4-token tail.
+    tails = 2 * 4 if mode == "aggregated" else 0
+    assert srv.worker_metric("splitserve_prompt_tokens_computed_total", compute_url) - computed == 100 + tails
+    if mode == "disaggregated":
+        assert srv.worker_metric("splitserve_kv_transfers_total", decode_url) - transfers == 1
+        assert srv.worker_metric("splitserve_prompt_tokens_computed_total", decode_url) - decode_computed == 2 * 4
+    assert srv.worker_metric("splitserve_prefix_cache_hits_total", decode_url) - hits >= 2 * 96

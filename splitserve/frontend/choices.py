@@ -5,9 +5,14 @@ into the seed's range), so a seeded n > 1 request is reproducible and its choice
 differ; without a seed each has fresh randomness anyway. Choice 0 keeps the request's
 id; choice i's worker-side id is `<id>-n<i>`, so every log line still starts with it.
 
-NOTE: each sequence is routed and prefilled as its own request (the prefix cache and
-the router's KV-aware routing make the repeats cheap); the n sequences do not yet share
-one prefill's KV blocks inside the engine.
+One prefill, one KV transfer for all n: choice 0 is routed and started first; once its
+first token is out, its worker holds the whole prompt's KV in its prefix cache (computed
+there, or transferred from a prefill worker and committed), and choices 1..n-1 go to that
+same worker as requests it computes itself: the prefix cache gives them every full block,
+so each computes only the prompt's last partial block (at least its last token, whose
+logits sample its first token). If that worker cannot take a sibling (full, gone), the
+sibling is routed as any request is. The cost: siblings start one prefill later than they
+would in parallel, which is when the prompt's KV exists at all.
 """
 
 from __future__ import annotations
@@ -34,16 +39,23 @@ def child_request(request: p.GenerateRequest, index: int) -> p.GenerateRequest:
 
 
 async def start_all(gens: list[Generation]) -> None:
-    """Start every generation; if one cannot start, the started ones are abandoned and
-    its error raised. Cancelled (the client left): the started ones are abandoned."""
-    started: list[Generation] = []
+    """Start every generation, choice 0 first (see the module docstring); if one cannot
+    start, the started ones are abandoned and its error raised. Cancelled (the client
+    left): the started ones are abandoned."""
+    first, siblings = gens[0], gens[1:]
+    await first.start()
+    started: list[Generation] = [first]
 
     async def start(gen: Generation) -> None:
         await gen.start()
         started.append(gen)
 
     try:
-        results = await asyncio.gather(*(start(g) for g in gens), return_exceptions=True)
+        if siblings:
+            await first.first_token_seen()
+            for gen in siblings:
+                gen.share_prompt_of(first)
+        results = await asyncio.gather(*(start(g) for g in siblings), return_exceptions=True)
     except asyncio.CancelledError:
         await asyncio.gather(*(g.abandon("the client left") for g in started), return_exceptions=True)
         raise

@@ -85,6 +85,29 @@ class Generation:
         self._last_token_at: float | None = None
         self._resources = AsyncExitStack()
         self._chunks: AsyncIterator[p.GenerateChunk] | None = None
+        # The first chunk, read ahead by first_token_seen(); or why reading it failed.
+        self._peeked: p.GenerateChunk | None = None
+        self._peek_error: Exception | None = None
+        # A sibling choice (n > 1) tries the worker that computed choice 0's prompt first.
+        self._share_from: Attempt | None = None
+
+    def share_prompt_of(self, first: "Generation") -> None:
+        """Try `first`'s worker before routing: it holds the prompt's KV in its prefix
+        cache, so this choice computes only the prompt's last, partial block there, with
+        no prefill of its own and no KV transfer."""
+        self._share_from = first._attempt
+
+    async def first_token_seen(self) -> None:
+        """Read ahead until the first chunk: once it is out, the worker has the whole
+        prompt's KV (computed or transferred) in its prefix cache. A failure is kept for
+        deltas(), where it takes the migration path as any broken stream does."""
+        try:
+            self._peeked = await anext(self._chunks)
+        except StopAsyncIteration:
+            self._peek_error = WorkerLost(f"worker {self._attempt.url} closed the stream before "
+                                          "the first token")
+        except Exception as e:     # noqa: BLE001 -- re-raised in order by deltas()
+            self._peek_error = e
 
     async def start(self) -> None:
         """Hand the request to the first worker that takes it, waiting in the admission
@@ -117,8 +140,14 @@ class Generation:
             return route.reason
         if (too_big := self._planner.oversized(request, route, workers)) is not None:
             raise bad_request(f"the request can never be served by this deployment: {too_big}")
+        attempts = route.attempts
+        share = self._share_from
+        if share is not None and request is self._request and any(w.url == share.url and w.ready
+                                                                     for w in workers):
+            # Its prompt's blocks are cached there; compute_tokens: only the partial tail.
+            attempts = [Attempt(share.url, share.worker_id, None, share.worker_id, 0), *attempts]
         failures: list[str] = []
-        for attempt in route.attempts:
+        for attempt in attempts:
             sent = msgspec.structs.replace(request, prefill=attempt.prefill)
             self._planner.trying(self.request_id, attempt, len(request.prompt_token_ids))
             try:
@@ -134,6 +163,8 @@ class Generation:
             self._attempt = attempt
             self._planner.sent(self.request_id, attempt)
             via = "" if attempt.prefill is None else f" (KV from prefill worker {attempt.prefill.worker_id})"
+            if share is not None and attempt.url == share.url and attempt.prefill is None:
+                via = " (prompt KV shared with choice 0 there)"
             if attempt.local_prefill is not None:
                 via = f" (prompt computed there: local prefill, {attempt.local_prefill})"
             logger.info("request_id=%s sent to %s%s: %d prompt tokens, max_tokens=%d",
@@ -192,9 +223,19 @@ class Generation:
             finally:
                 self._finish(status)
 
+    async def _chunks_in_order(self) -> AsyncIterator[p.GenerateChunk]:
+        if self._peek_error is not None:
+            error, self._peek_error = self._peek_error, None
+            raise error
+        if self._peeked is not None:
+            chunk, self._peeked = self._peeked, None
+            yield chunk
+        async for chunk in self._chunks:
+            yield chunk
+
     async def _stream(self) -> AsyncIterator[Delta]:
         """The deltas of the current worker's stream; ends early only at a finish."""
-        async for chunk in self._chunks:
+        async for chunk in self._chunks_in_order():
             if chunk.error is not None:
                 raise unavailable(f"the worker failed this request: {chunk.error}")
             self._observe_tokens(chunk.new_token_ids)
