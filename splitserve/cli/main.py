@@ -18,6 +18,7 @@ from splitserve.cli.engine_args import add_engine_arguments, add_transfer_args, 
 from splitserve.cli.frontend_args import add_frontend_args
 from splitserve.cli.logs import LEVELS
 from splitserve.cli.supervision_args import add_supervision_args
+from splitserve.vllm_connector.proxy_args import add_arguments as add_vllm_proxy_arguments
 from splitserve.cli.vllm_args import add_vllm_arguments
 
 
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(`deploy kubernetes`)")
     add_deploy_arguments(deploy)
     deploy.set_defaults(module="splitserve.cli.deploy_cmd")
+
+    vllm_proxy = sub.add_parser("vllm-proxy", help="disaggregate two plain `vllm serve` that use "
+                                                   "splitserve.vllm_connector")
+    add_vllm_proxy_arguments(vllm_proxy)
+    _common(vllm_proxy)
+    vllm_proxy.set_defaults(module="splitserve.vllm_connector.proxy", parser=vllm_proxy)
 
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("name", choices=sorted(BENCHES), help="which benchmark")

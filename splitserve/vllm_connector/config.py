@@ -1,0 +1,51 @@
+"""The connector's settings, read from vLLM's `kv_connector_extra_config`.
+
+    --kv-transfer-config '{"kv_connector": "SplitserveConnector",
+        "kv_connector_module_path": "splitserve.vllm_connector", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"kv_port": 7600, "lease": 30, "transport": "tcp"}}'
+
+`kv_port` / `kv_host`: where the prefill side's KV server listens (tensor-parallel rank r
+on kv_port + r, so P rank r serves D rank r); every other key is a field of the transfer
+library's `TransferConfig` (stall_timeout, busy_timeout, lease, transport, secret, ...).
+The secret defaults to $SPLITSERVE_KV_SECRET so it never has to sit on a command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from splitserve.config import ConfigError
+from splitserve.transfer.config import TransferConfig
+
+SECRET_ENV = "SPLITSERVE_KV_SECRET"
+DEFAULT_KV_PORT = 7600
+_TRANSFER_FIELDS = {f.name for f in dataclasses.fields(TransferConfig)}
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    kv_port: int = DEFAULT_KV_PORT     # P: rank r listens on kv_port + r
+    kv_host: str = "127.0.0.1"         # P: bind address (0.0.0.0 for peers on other hosts)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.kv_port < 65536:
+            raise ConfigError(f"kv_port must be in 1..65535, got {self.kv_port}")
+        if not self.kv_host:
+            raise ConfigError("kv_host must not be empty")
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any]) -> "ConnectorConfig":
+        unknown = set(extra) - _TRANSFER_FIELDS - {"kv_port", "kv_host"}
+        if unknown:
+            raise ConfigError(f"SplitserveConnector: unknown kv_connector_extra_config keys "
+                              f"{sorted(unknown)}; known: kv_port, kv_host, "
+                              f"{', '.join(sorted(_TRANSFER_FIELDS))}")
+        transfer = {k: v for k, v in extra.items() if k in _TRANSFER_FIELDS}
+        transfer.setdefault("secret", os.environ.get(SECRET_ENV) or None)
+        return cls(kv_port=int(extra.get("kv_port", DEFAULT_KV_PORT)),
+                   kv_host=str(extra.get("kv_host", "127.0.0.1")),
+                   transfer=TransferConfig(**transfer))
