@@ -14,11 +14,9 @@ import time
 import httpx
 import pytest
 
-from live_server import start_frontend
 from procs import metric_value
-from workers import start_worker
+from workers import migration_cluster, start_worker
 
-TTL = ("--discovery-ttl", "2")
 ENGINE = ("--max-model-len", "1024", "--served-model-name", "tiny")
 PROMPT = "Once upon a time, in a land far away, there lived"
 
@@ -26,19 +24,8 @@ PROMPT = "Once upon a time, in a land far away, there lived"
 @pytest.fixture(scope="module")
 def cluster(tiny_llama_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("migration")
-    discovery = f"file:{workdir / 'discovery'}"
-    args = ("--discovery", discovery, *TTL, *ENGINE)
-    procs = {"prefill": start_worker("prefill", tiny_llama_dir, workdir, *args),
-             "decode-0": start_worker("decode", tiny_llama_dir, workdir, *args, name="decode-0"),
-             "decode-1": start_worker("decode", tiny_llama_dir, workdir, *args, name="decode-1")}
-    frontend = start_frontend(workdir, discovery, *TTL)
-    try:
-        frontend.wait_health(200)
+    with migration_cluster(tiny_llama_dir, workdir, *ENGINE) as (frontend, procs, args):
         yield {"workdir": workdir, "args": args, "frontend": frontend, "workers": procs}
-    finally:
-        frontend.stop()
-        for proc in procs.values():
-            proc.stop()
 
 
 def _completion(frontend, **extra) -> httpx.Response:

@@ -12,10 +12,8 @@ import signal
 import httpx
 import pytest
 
-from live_server import start_frontend
-from workers import start_worker
+from workers import migration_cluster
 
-TTL = ("--discovery-ttl", "2")
 ENGINE = ("--max-model-len", "1024", "--served-model-name", "tiny")
 BODY = {"prompt": "Once upon a time, in a land far away, there lived", "max_tokens": 300,
         "temperature": 0.8, "seed": 1234, "frequency_penalty": 0.4, "repetition_penalty": 1.1,
@@ -25,19 +23,8 @@ BODY = {"prompt": "Once upon a time, in a land far away, there lived", "max_toke
 @pytest.fixture(scope="module")
 def cluster(tiny_llama_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("migration-sampling")
-    discovery = f"file:{workdir / 'discovery'}"
-    args = ("--discovery", discovery, *TTL, *ENGINE)
-    procs = {"prefill": start_worker("prefill", tiny_llama_dir, workdir, *args),
-             "decode-0": start_worker("decode", tiny_llama_dir, workdir, *args, name="decode-0"),
-             "decode-1": start_worker("decode", tiny_llama_dir, workdir, *args, name="decode-1")}
-    frontend = start_frontend(workdir, discovery, *TTL)
-    try:
-        frontend.wait_health(200)
+    with migration_cluster(tiny_llama_dir, workdir, *ENGINE) as (frontend, procs, _):
         yield frontend, procs
-    finally:
-        frontend.stop()
-        for proc in procs.values():
-            proc.stop()
 
 
 def _stream(frontend, on_event=None) -> tuple[str, list]:

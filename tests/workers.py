@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +98,26 @@ def generate(d: WorkerProc, request_id: str, prompt: list[int], max_tokens: int,
             return resp.status_code, [], resp.read().decode()
         chunks = [p.decode(line, p.GenerateChunk) for line in resp.iter_lines() if line]
     return 200, [t for c in chunks for t in c.new_token_ids], chunks
+
+
+@contextmanager
+def migration_cluster(model_dir: Path, workdir: Path, *engine_args: str, ttl: str = "2"):
+    """One prefill and two decode workers (decode-0, decode-1) in a file discovery store
+    with a short TTL, and a frontend over them: where a decode worker can be killed
+    mid-stream and its requests migrate. Yields (frontend, {name: WorkerProc}, the
+    workers' arguments, for starting more); stops them all."""
+    from live_server import start_frontend
+
+    discovery = f"file:{workdir / 'discovery'}"
+    args = ("--discovery", discovery, "--discovery-ttl", ttl, *engine_args)
+    procs = {"prefill": start_worker("prefill", model_dir, workdir, *args),
+             "decode-0": start_worker("decode", model_dir, workdir, *args, name="decode-0"),
+             "decode-1": start_worker("decode", model_dir, workdir, *args, name="decode-1")}
+    frontend = start_frontend(workdir, discovery, "--discovery-ttl", ttl)
+    try:
+        frontend.wait_health(200)
+        yield frontend, procs, args
+    finally:
+        frontend.stop()
+        for proc in procs.values():
+            proc.stop()

@@ -176,6 +176,11 @@ def _worker_pod_spec(spec: DeploySpec, role: str, *, leader: bool) -> dict:
     volumes, mounts = volumes + etcd_volumes, mounts + etcd_mounts
     container["env"] = [_POD_IP, _secret_env(spec), *_etcd_env(spec)]
     container.update(_gpu_resources(spec))
+    return _pod(container, volumes, mounts)
+
+
+def _pod(container: dict, volumes: list, mounts: list) -> dict:
+    """A one-container pod spec, with the volumes and mounts only when there are any."""
     if mounts:
         container["volumeMounts"] = mounts
     pod = {"containers": [container]}
@@ -201,12 +206,7 @@ def _ray_member_pod_spec(spec: DeploySpec, role: str) -> dict:
                  "command": ["sh", "-c", f"exec ray start --address=$LWS_LEADER_ADDRESS:{RAY_PORT} "
                                          f"--block"],
                  **_gpu_resources(spec)}
-    if mounts:
-        container["volumeMounts"] = mounts
-    pod = {"containers": [container]}
-    if volumes:
-        pod["volumes"] = volumes
-    return pod
+    return _pod(container, volumes, mounts)
 
 
 def _worker_lws(spec: DeploySpec, role: str, replicas: int) -> dict:
