@@ -108,10 +108,9 @@ class VllmEngine(WorkerEngine):
         from vllm.inputs.engine import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
-        vllm_params = to_vllm(request_id, params)
         try:
             collector = await llm.add_request(request_id, tokens_input(list(prompt_token_ids)),
-                                              vllm_params)
+                                              to_vllm(request_id, params))
         except VLLMClientError as e:
             raise RequestError(str(e), getattr(e, "parameter", None) or "prompt") from e
         except GracefulHTTPError as e:

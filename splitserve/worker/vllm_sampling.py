@@ -8,6 +8,7 @@ SamplingParams field not mapped here is a 400 on vLLM workers until it is.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -15,6 +16,7 @@ import msgspec
 
 from splitserve.engine.errors import RequestError
 from splitserve.engine.types import FinishReason, RequestOutput, SamplingParams, TokenLogprobs
+from splitserve.structured_output import StructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 _MAPPED = frozenset({
     "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
     "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
-    "min_tokens", "resumed_output_tokens"})
+    "min_tokens", "resumed_output_tokens", "structured"})
 _DEFAULTS = {f.name: f.default for f in msgspec.structs.fields(SamplingParams)}
 
 _FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
@@ -57,8 +59,27 @@ def to_vllm(request_id: str, params: SamplingParams):
         frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty,
         logit_bias=dict(params.logit_bias) or None, min_tokens=params.min_tokens,
+        structured_outputs=_structured(params.structured),
         detokenize=False, skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA)
+
+
+def _structured(structured: StructuredOutput | None):
+    """Our structured output request as vLLM's (the same kinds: vLLM compiles them with
+    its own backend, xgrammar by default)."""
+    if structured is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+    kind, spec = structured.kind, structured.spec
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        return StructuredOutputsParams(json=spec)
+    if kind == "choice":
+        return StructuredOutputsParams(choice=json.loads(spec))
+    if kind == "regex":
+        return StructuredOutputsParams(regex=spec)
+    return StructuredOutputsParams(grammar=spec)
 
 
 def from_vllm(request_id: str, out: Any, num_prompt_tokens: int,
