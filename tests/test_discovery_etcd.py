@@ -64,24 +64,27 @@ def test_lapsed_lease_of_a_live_worker_is_granted_again(etcd, config):
     asyncio.run(main())
 
 
-def test_watch_and_keepalive_survive_an_etcd_restart(etcd, config):
-    async def main():
-        async with EtcdDiscovery(config) as worker, EtcdDiscovery(config) as frontend:
-            watcher = Watcher(frontend)
-            await worker.register(record("d0"))
-            await watcher.wait_for("put", "d0", timeout=2)
-            await asyncio.to_thread(etcd.restart)
-            restarted = time.monotonic()
-            # The watch resumed: a worker registering after the restart is seen.
-            async with EtcdDiscovery(config) as other:
-                await other.register(record("d1"))
-                await watcher.wait_for("put", "d1", after=restarted, timeout=5)
-            # The keep-alive reconnected: d0 outlives its TTL after the restart.
-            await asyncio.sleep(TTL_S + MARGIN_S)
-            assert await listed_ids(frontend) == ["d0"]
-            assert not any(e.kind == "delete" and e.worker_id == "d0" for _, e in watcher.events)
+async def survives_restart(etcd: EtcdServer, config: EtcdDiscoveryConfig, timeout: float) -> None:
+    """A registered worker and a watching frontend, then etcd restarts: the watch resumes
+    (a worker registering afterwards is seen within `timeout`) and the first worker's
+    keep-alive reconnects (it outlives its TTL, and no delete was ever seen)."""
+    async with EtcdDiscovery(config) as worker, EtcdDiscovery(config) as frontend:
+        watcher = Watcher(frontend)
+        await worker.register(record("d0"))
+        await watcher.wait_for("put", "d0", timeout=timeout)
+        await asyncio.to_thread(etcd.restart)
+        restarted = time.monotonic()
+        async with EtcdDiscovery(config) as other:
+            await other.register(record("d1"))
+            await watcher.wait_for("put", "d1", after=restarted, timeout=timeout)
+        # Waiting out the TTL is the point: d0 must still be listed after it.
+        await asyncio.sleep(config.ttl_s + MARGIN_S)
+        assert await listed_ids(frontend) == ["d0"]
+        assert not any(e.kind == "delete" and e.worker_id == "d0" for _, e in watcher.events)
 
-    asyncio.run(main())
+
+def test_watch_and_keepalive_survive_an_etcd_restart(etcd, config):
+    asyncio.run(survives_restart(etcd, config, timeout=5))
 
 
 def test_malformed_keys_under_the_prefix_are_ignored(etcd, config):

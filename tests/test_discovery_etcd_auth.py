@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import uuid
 
 import aetcd
@@ -18,7 +17,8 @@ from splitserve.cli.discovery_args import PASSWORD_ENV, discovery_from_args
 from splitserve.cli.main import build_parser
 from splitserve.discovery import DiscoveryError, EtcdDiscovery, EtcdDiscoveryConfig
 from splitserve.discovery.etcd_client import EtcdAuth
-from test_discovery_backends import MARGIN_S, Watcher, listed_ids, record
+from test_discovery_backends import listed_ids, record
+from test_discovery_etcd import survives_restart
 from tls_certs import make_tls_files
 
 TTL_S = 2
@@ -61,26 +61,10 @@ def test_without_the_right_password_registration_fails_saying_why(etcd_with_auth
 
 
 def test_with_the_password_workers_register_and_survive_an_etcd_restart(etcd_with_auth):
+    # A restarted etcd knows none of the tokens it handed out: each client authenticates
+    # again on its next call (the keep-alive too, or d0 would lapse).
     config = _config(etcd_with_auth, EtcdAuth(user="root", password=PASSWORD))
-
-    async def main():
-        async with EtcdDiscovery(config) as worker, EtcdDiscovery(config) as frontend:
-            watcher = Watcher(frontend)
-            await worker.register(record("d0"))
-            await watcher.wait_for("put", "d0", timeout=5)
-            # A restarted etcd knows none of the tokens it handed out: each client
-            # authenticates again on its next call.
-            await asyncio.to_thread(etcd_with_auth.restart)
-            restarted = time.monotonic()
-            async with EtcdDiscovery(config) as other:
-                await other.register(record("d1"))
-                await watcher.wait_for("put", "d1", after=restarted, timeout=10)
-            # d0's keep-alive authenticated again: it outlives its TTL after the restart.
-            await asyncio.sleep(TTL_S + MARGIN_S)
-            assert await listed_ids(frontend) == ["d0"]
-            assert not any(e.kind == "delete" and e.worker_id == "d0" for _, e in watcher.events)
-
-    asyncio.run(main())
+    asyncio.run(survives_restart(etcd_with_auth, config, timeout=10))
 
 
 def test_tls_with_client_certificates(tmp_path):
