@@ -4,7 +4,7 @@ decode worker -> the prefill worker that samples the first token, and a migrated
 request's next worker. Each engine turns it into a token mask (engine/grammar.py).
 
 kinds (OpenAI's response_format and tool_choice, plus vLLM's guided_* extras):
-- json_object: any JSON object (spec is empty).
+- json_object: a JSON object, any keys (spec is empty).
 - json_schema: JSON that validates against the schema in `spec`.
 - regex: text matching the regular expression `spec`.
 - choice: exactly one of the strings in `spec` (a JSON list of strings).

@@ -10,7 +10,8 @@ import argparse
 import os
 
 from splitserve.frontend.auth import API_KEY_ENV
-from splitserve.frontend.config import PREFILL_OVERFLOW, REASONING_PARSERS, FrontendConfig
+from splitserve.frontend.config import (PREFILL_OVERFLOW, REASONING_PARSERS, TOOL_CALL_PARSERS,
+                                        FrontendConfig)
 from splitserve.router import POLICIES, RouterConfig
 
 
@@ -55,6 +56,14 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
                      default=frontend.reasoning_parser,
                      help="split chat output into reasoning_content (inside <think>...</think>) "
                           "and content, as vLLM's parser of that name (default: off)")
+    api.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS,
+                     default=frontend.tool_call_parser,
+                     help="how the model writes tool calls, parsed into tool_calls as vLLM's "
+                          "parser of that name (default: off)")
+    api.add_argument("--enable-auto-tool-choice", action="store_true",
+                     default=frontend.enable_auto_tool_choice,
+                     help='serve tool_choice "auto" (the default when tools are given): the '
+                          "model decides, --tool-call-parser reads its calls")
     api.add_argument("--tokenizer", default=frontend.tokenizer, metavar="DIR",
                      help="directory with the model's tokenizer and chat template (default: "
                           "fetched from a ready worker, so this host needs no model files)")
@@ -72,6 +81,8 @@ def frontend_config_from_args(parser: argparse.ArgumentParser,
                               max_prefill_wait_s=args.max_prefill_wait,
                               api_key=api_key_from_env(args.api_key),
                               reasoning_parser=args.reasoning_parser,
+                              tool_call_parser=args.tool_call_parser,
+                              enable_auto_tool_choice=args.enable_auto_tool_choice,
                               tokenizer=args.tokenizer)
     except ValueError as e:
         parser.error(str(e))
@@ -89,4 +100,6 @@ def frontend_argv(args: argparse.Namespace) -> list[str]:
             "--queue-timeout", repr(args.queue_timeout), "--prefill-overflow", args.prefill_overflow,
             *([] if args.max_prefill_wait is None else ["--max-prefill-wait", repr(args.max_prefill_wait)]),
             *([] if args.reasoning_parser is None else ["--reasoning-parser", args.reasoning_parser]),
+            *([] if args.tool_call_parser is None else ["--tool-call-parser", args.tool_call_parser]),
+            *(["--enable-auto-tool-choice"] if args.enable_auto_tool_choice else []),
             *([] if args.tokenizer is None else ["--tokenizer", args.tokenizer])]

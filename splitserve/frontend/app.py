@@ -21,6 +21,7 @@ import time
 from contextlib import asynccontextmanager
 
 import httpx
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -45,6 +46,7 @@ from splitserve.frontend.responses import CHAT, COMPLETION, Choice, Shape, full_
 from splitserve.frontend.routing import LOCAL_PREFILL_REASONS, RoutePlanner, unavailable_reason
 from splitserve.frontend.tokenize_api import detokenize_route, tokenize_route
 from splitserve.frontend.tokenizer_source import TokenizerUnavailable, load_tokenizer
+from splitserve.frontend.tools import plan_request
 from splitserve.frontend.worker_client import WorkerClient
 from splitserve.frontend.workers import WorkerStatus
 from splitserve.metrics import FrontendMetrics
@@ -224,8 +226,11 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None, *,
             raise bad_request("stream_options can only be given when stream is true", "stream_options")
         if not 1 <= body.n <= MAX_N:
             raise bad_request(f"n must be in [1, {MAX_N}], got {body.n}", "n")
+        structure, tools = plan_request(body, shape.chat, fe.config.tool_call_parser,
+                                        fe.config.enable_auto_tool_choice)
         prompt = await pre.prompt(body, shape.chat)
-        sampling = pre.sampling(body, len(prompt), shape.chat)
+        sampling = msgspec.structs.replace(pre.sampling(body, len(prompt), shape.chat),
+                                           structured=structure)
         request_id = request.state.request_id
         whole = p.GenerateRequest(request_id, prompt, sampling)
         gens = [Generation(fe.client, fe.planner, fe.tokenizer, fe.metrics, child_request(whole, i),
@@ -240,7 +245,8 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None, *,
             return Response(status_code=int(CLIENT_GONE))
         choices = [Choice(i, gen, splitter_for(fe.config.reasoning_parser, fe.tokenizer, prompt)
                           if shape.chat else None,
-                          LogprobsFormatter(fe.tokenizer, shape.chat) if gen.logprobs_requested else None)
+                          LogprobsFormatter(fe.tokenizer, shape.chat) if gen.logprobs_requested else None,
+                          tools.output() if tools is not None else None)
                    for i, gen in enumerate(gens)]
         if body.stream:
             return StreamingResponse(stream_events(shape, choices, info.model_name, body.include_usage),

@@ -9,6 +9,7 @@ from splitserve.router import RouterConfig
 
 PREFILL_OVERFLOW = ("local", "queue")
 REASONING_PARSERS = ("deepseek_r1", "qwen3")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")   # frontend/tool_parsers/, by vLLM's names
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class FrontendConfig:
     api_key: clients must send `Authorization: Bearer <api_key>` (auth.py); None: open.
     reasoning_parser: how chat output is split into reasoning_content and content
     (reasoning.py); None: it is all content.
+    tool_call_parser: how the model family writes tool calls (frontend/tool_parsers/);
+    enable_auto_tool_choice: tool_choice "auto" (the default with tools) is served, the
+    output parsed by that parser; without it "auto" is a 400 (vLLM's flags).
     tokenizer: a directory with the model's tokenizer files and chat template; None: they
     come from a ready worker (tokenizer_source.py), so this host needs no model files."""
 
@@ -51,6 +55,8 @@ class FrontendConfig:
     max_prefill_wait_s: float | None = None
     api_key: str | None = field(default=None, repr=False)
     reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
     # A local tokenizer directory; None: the workers hand theirs out (GET /tokenizer).
     tokenizer: str | None = None
 
@@ -78,3 +84,8 @@ class FrontendConfig:
         if self.reasoning_parser is not None and self.reasoning_parser not in REASONING_PARSERS:
             raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got "
                              f"{self.reasoning_parser!r}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, got "
+                             f"{self.tool_call_parser!r}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs a tool_call_parser")

@@ -19,11 +19,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from splitserve.engine.types import MAX_LOGPROBS, MAX_TOKEN_ID, SEED_MAX, SEED_MIN
+from splitserve.frontend.structured_request import ResponseFormat
+from splitserve.frontend.tools import MessageToolCall, ToolChoice, ToolDefinition
 
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
-# OpenAI's chat roles without tools: 'tool' and 'function' messages answer tool calls,
-# which this server does not make (`tools` is refused).
-ROLES = ("system", "developer", "user", "assistant")
+# OpenAI's chat roles; a 'tool' message carries a tool call's result (tools.py).
+ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 class _Strict(BaseModel):
@@ -93,13 +94,19 @@ class _SamplingFields(_Strict):
     logit_bias: dict[str, float] | None = None
     min_tokens: int = 0
     n: int = 1
+    # Structured output (structured_request.py): OpenAI's and vLLM's guided_* extras.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     def unsupported(self) -> str | None:
         """Name of a field set to a value we cannot honour, if any."""
         extra = self.model_extra or {}
-        for name in ("echo", "suffix", "tools", "response_format"):
+        for name in ("echo", "suffix"):
             if extra.get(name) not in (None, False, [], 0):
                 return name
         if extra.get("best_of") not in (None, 1):
@@ -128,6 +135,9 @@ class _SamplingFields(_Strict):
 class ChatMessage(_Strict):
     role: Literal[ROLES]
     content: Annotated[Any, AfterValidator(_check_content)] = None
+    tool_calls: list[MessageToolCall] | None = None   # an assistant's earlier calls
+    tool_call_id: str | None = None                   # a tool message: which call it answers
+    name: str | None = None
 
     def text(self) -> str:
         """Content as one string; text parts are joined with newlines (as vLLM does)."""
@@ -146,6 +156,8 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
 
     def requested_logprobs(self) -> int | None:
         """How many top logprobs per token (0: the sampled token's only); None: none."""

@@ -14,6 +14,7 @@ import asyncio
 from splitserve.engine.types import SamplingError, SamplingParams
 from splitserve.frontend.errors import bad_request
 from splitserve.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
+from splitserve.frontend.tools import template_message, template_tools
 
 # OpenAI's (and vLLM's) default for /v1/completions; chat defaults to the rest of the context.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -39,9 +40,11 @@ class Preprocessor:
                     add_special_tokens: bool = False) -> list[int]:
         """The keywords are /tokenize's (tokenize_api.py); a chat completion uses the defaults."""
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            messages = [template_message(m.role, m.text(), m.tool_calls, m.tool_call_id, m.name)
+                        for m in req.messages]
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                messages, tools=template_tools(req.tools), tokenize=False,
+                add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message)
         except Exception as e:  # a template may raise on roles or orderings it does not allow
             raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from e

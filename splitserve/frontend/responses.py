@@ -8,6 +8,9 @@ reasoning parser (chat only) the text is split into `reasoning_content` and `con
 A request with n > 1 has n Choices, one Generation each, run concurrently: the whole
 body lists them by index; a stream interleaves their chunks as they come, each naming
 its choice's index. Usage counts the prompt once and every choice's tokens.
+
+With tools (tools.py) a chat choice's content is parsed into `tool_calls` (whole) or
+`delta.tool_calls` chunks, and a choice that called a tool finishes with "tool_calls".
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from splitserve.frontend.errors import OpenAIError
 from splitserve.frontend.generation import Delta, Generation
 from splitserve.frontend.logprobs import LogprobsFormatter
 from splitserve.frontend.reasoning import ReasoningDelta, ReasoningSplitter
+from splitserve.frontend.tools import ToolOutput
 
 DONE = b"data: [DONE]\n\n"
 
@@ -46,7 +50,8 @@ class Shape:
         return "chat.completion.chunk" if self.chat else "text_completion"
 
     def stream_choice(self, index: int, text: str | None, finish_reason: str | None, first: bool = False,
-                      reasoning: str | None = None, logprobs: dict | None = None) -> dict:
+                      reasoning: str | None = None, logprobs: dict | None = None,
+                      tool_calls: list[dict] | None = None) -> dict:
         if not self.chat:
             return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         delta: dict = {"role": "assistant"} if first else {}
@@ -54,6 +59,8 @@ class Shape:
             delta["reasoning_content"] = reasoning
         if text is not None:
             delta["content"] = text
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
     def final_choice(self, index: int, text: str | None, finish_reason: str | None,
@@ -70,13 +77,14 @@ COMPLETION = Shape(chat=False)
 
 @dataclass
 class Choice:
-    """One of a request's n sequences: its generation, and its own reasoning splitter
-    and logprobs formatter (both hold per-sequence state)."""
+    """One of a request's n sequences: its generation, and its own reasoning splitter,
+    logprobs formatter and tool-call extractor (each holds per-sequence state)."""
 
     index: int
     gen: Generation
     reasoning: ReasoningSplitter | None = None
     logprobs: LogprobsFormatter | None = None
+    tools: ToolOutput | None = None
 
 
 def _usage(choices: list[Choice]) -> dict:
@@ -118,11 +126,21 @@ async def _whole_choice(shape: Shape, choice: Choice) -> dict:
         entries.extend(delta.logprobs)
         finish_reason = delta.finish_reason
     logprobs = choice.logprobs.format(entries) if choice.logprobs else None
-    if choice.reasoning is None:
-        return shape.final_choice(choice.index, "".join(parts), finish_reason, logprobs)
+    content: str | None = "".join(parts)
+    calls = []
+    if choice.tools is not None:
+        parsed = choice.tools.parse(content)
+        content, calls = parsed.content, parsed.calls
+        if calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
+    if choice.reasoning is None and choice.tools is None:
+        return shape.final_choice(choice.index, content, finish_reason, logprobs)
     # As vLLM: a part that is empty is null.
-    body = shape.final_choice(choice.index, "".join(parts) or None, finish_reason, logprobs)
-    body["message"]["reasoning_content"] = "".join(thoughts) or None
+    body = shape.final_choice(choice.index, content or None, finish_reason, logprobs)
+    if choice.reasoning is not None:
+        body["message"]["reasoning_content"] = "".join(thoughts) or None
+    if choice.tools is not None:
+        body["message"]["tool_calls"] = [c.to_json() for c in calls]
     return body
 
 
@@ -146,11 +164,20 @@ async def _choice_chunks(shape: Shape, choice: Choice, out: asyncio.Queue) -> No
         async for delta in choice.gen.deltas():
             split = _split(choice, delta)
             logprobs = choice.logprobs.format(delta.logprobs) if choice.logprobs and delta.logprobs else None
-            if split.content or split.reasoning or logprobs:
-                out.put_nowait(shape.stream_choice(i, split.content or None, None,
-                                                  reasoning=split.reasoning, logprobs=logprobs))
+            content, calls = split.content, []
+            if choice.tools is not None:
+                content, calls = choice.tools.feed(content)
+                if delta.finish_reason is not None:
+                    rest, more = choice.tools.flush()
+                    content, calls = content + rest, calls + more
+            if content or split.reasoning or logprobs or calls:
+                out.put_nowait(shape.stream_choice(i, content or None, None, reasoning=split.reasoning,
+                                                  logprobs=logprobs, tool_calls=calls))
             if delta.finish_reason is not None:
-                out.put_nowait(shape.stream_choice(i, None if shape.chat else "", delta.finish_reason))
+                reason = delta.finish_reason
+                if choice.tools is not None and choice.tools.num_calls and reason == "stop":
+                    reason = "tool_calls"
+                out.put_nowait(shape.stream_choice(i, None if shape.chat else "", reason))
     except OpenAIError as e:
         out.put_nowait(e)
     finally:

@@ -23,6 +23,7 @@ from splitserve.frontend.errors import OpenAIError, bad_request
 from splitserve.frontend.openai_protocol import ChatMessage, TokenId, _Strict
 from splitserve.frontend.preprocess import OFFLOAD_PROMPT_SIZE, Preprocessor
 from splitserve.frontend.request_body import parse_body, read_body
+from splitserve.frontend.tools import ToolDefinition
 
 
 class _TokenizeKind(_Strict):
@@ -47,6 +48,7 @@ class TokenizeChatRequest(_Strict):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     return_token_strs: bool = False
+    tools: list[ToolDefinition] | None = None   # rendered by the template, as for a chat completion
 
     def prompt_size(self) -> int:
         return sum(m.num_chars() for m in self.messages)
