@@ -146,3 +146,18 @@ def test_compiled_grammars_are_cached_and_bounded(smollm2_dir):
     cache.compile(b)
     cache.compile(c)
     assert len(cache) == 2
+
+
+def test_strings_hold_no_raw_control_characters(smollm2_dir):
+    """JSON forbids raw control characters in strings; xgrammar 0.2.8 lets them into
+    strings with a length bound unless the engine tightens its grammar."""
+    import xgrammar as xgr
+
+    from splitserve.engine.grammar import GrammarCache
+
+    cache = GrammarCache(smollm2_dir, 49152, (2,))
+    so = StructuredOutput.json_schema({"type": "object", "properties": {
+        "a": {"type": "string", "maxLength": 8}, "b": {"type": "string"}}, "required": ["a", "b"]})
+    for bad in ('{"a": "x\x0b', '{"a": "x", "b": "y\x08'):
+        assert not xgr.GrammarMatcher(cache.compile(so)).accept_string(bad)
+    assert xgr.GrammarMatcher(cache.compile(so)).accept_string('{"a": "x y", "b": "z"}')

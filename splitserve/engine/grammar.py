@@ -105,6 +105,9 @@ def _first_line(e: Exception) -> str:
     return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
 
 
+_LENIENT_CHAR, _JSON_CHAR = r'[^\"\\\r\n]', r'[^\0-\x1f\"\\]'
+
+
 def _compile(compiler, so: StructuredOutput):
     import json
 
@@ -112,10 +115,16 @@ def _compile(compiler, so: StructuredOutput):
         # An object, not any JSON value (vLLM's reading of OpenAI's json_object).
         return compiler.compile_json_schema('{"type":"object"}', any_whitespace=False)
     if so.kind == "json_schema":
+        import xgrammar as xgr
+
         # any_whitespace=False: compact JSON (one space after ':' and ','), as vLLM does
         # with --structured-outputs-config.disable_any_whitespace; a small model left free
         # to write whitespace can fill max_tokens with newlines.
-        return compiler.compile_json_schema(so.spec, any_whitespace=False, strict_mode=True)
+        grammar = xgr.Grammar.from_json_schema(so.spec, any_whitespace=False, strict_mode=True)
+        # NOTE: xgrammar 0.2.8 writes a string with minLength/maxLength as characters
+        # [^"\\\r\n], which lets raw control characters through (invalid JSON: a parser
+        # refuses them); its other strings exclude \0-\x1f, as JSON requires.
+        return compiler.compile_grammar(str(grammar).replace(_LENIENT_CHAR, _JSON_CHAR))
     if so.kind == "regex":
         return compiler.compile_regex(so.spec)
     if so.kind == "choice":

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
+from splitserve.engine.grammar import GrammarCache
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.types import EngineStats, FinishReason, RequestOutput, SamplingParams, TokenLogprobs
 from splitserve.kvtypes.events import KVEvent
@@ -72,6 +73,7 @@ class AsyncEngine(WorkerEngine):
         self._info: EngineInfo | None = None
         self._kv_memory: KVMemory | None = None
         self._stats: EngineStats | None = None
+        self._grammars: GrammarCache | None = None   # the engine's; thread-safe
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = False
@@ -102,13 +104,23 @@ class AsyncEngine(WorkerEngine):
         """The snapshot taken after the engine's latest step (None while loading)."""
         return self._stats
 
+    async def _compile_grammar(self, params: SamplingParams) -> None:
+        """A structured request's grammar is compiled (and on a worker's first one, the
+        tokenizer loaded: seconds) on a thread, into the engine's cache, so the engine
+        thread finds it there instead of stalling every running request. An invalid spec
+        raises RequestError here, as the engine would."""
+        if params.structured is not None and self._grammars is not None:
+            await asyncio.to_thread(self._grammars.warm, params.structured)
+
     async def add(self, request_id: str, prompt_token_ids: list[int],
                   params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        await self._compile_grammar(params)
         return await self._open_stream(
             request_id, lambda e: e.add_request(request_id, prompt_token_ids, params))
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int],
                       params: SamplingParams) -> list[int]:
+        await self._compile_grammar(params)
         return await self._call(lambda e: e.reserve(request_id, prompt_token_ids, params))
 
     async def commit(self, request_id: str, num_computed_tokens: int, first_token: int | None,
@@ -219,6 +231,7 @@ class AsyncEngine(WorkerEngine):
             self._info = EngineInfo(engine.model_name, engine.model_dir, engine.max_model_len,
                                     engine.block_size, tuple(engine.eos_token_ids))
             self._kv_memory = KVMemory(engine.kv_cache, engine.fingerprint(), engine.block_size)
+            self._grammars = engine.grammars
         except Exception as e:
             logger.exception("model load failed")
             self._loop.call_soon_threadsafe(self._fail_all, f"model load failed: {e}")
