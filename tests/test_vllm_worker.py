@@ -171,3 +171,15 @@ def test_bad_vllm_flags_are_usage_errors(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_models_are_named_as_our_engine_names_them_and_hub_ids_as_vllm_does(tmp_path):
+    from splitserve.model.registry import DEFAULT_MODEL_NAME
+    from splitserve.worker.vllm_model import model_argument, model_name
+    assert model_name(None, "/cache/converted-dir") == DEFAULT_MODEL_NAME
+    assert model_argument(str(tmp_path)) == str(tmp_path)
+    assert model_name(str(tmp_path), str(tmp_path)) == tmp_path.name
+    # Neither a directory nor a .gguf: vLLM's to resolve (and download), named as given.
+    assert model_argument("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
+    assert model_name("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct") == \
+        "meta-llama/Llama-3.1-8B-Instruct"

@@ -27,7 +27,6 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from splitserve.config import EngineConfig
@@ -36,9 +35,9 @@ from splitserve.kvtypes.events import AllCleared, KVEvent
 from splitserve.worker.engine_api import (
     CapacityError, EngineDeadError, EngineInfo, EngineState, HeldSink, KVMemory, RequestError,
     RequestFailed, WorkerEngine)
-from splitserve.worker.tokenizer_files import TOKENIZER_FILE_NAMES
 from splitserve.worker.vllm_kv_listener import VllmKVEventListener
 from splitserve.worker.vllm_kv_translate import VllmKVTranslator
+from splitserve.worker.vllm_model import eos_token_ids, local_dir, model_argument, model_name
 from splitserve.worker.vllm_options import VllmOptions, cpu_thread_env, engine_kwargs
 from splitserve.worker.vllm_sampling import from_vllm, to_vllm
 
@@ -111,7 +110,7 @@ class VllmEngine(WorkerEngine):
         try:
             collector = await llm.add_request(request_id, tokens_input(list(prompt_token_ids)),
                                               to_vllm(request_id, params))
-        except VLLMClientError as e:
+        except (VLLMClientError, ValueError) as e:
             raise RequestError(str(e), getattr(e, "parameter", None) or "prompt") from e
         except GracefulHTTPError as e:
             raise CapacityError(str(e)) from e
@@ -130,6 +129,9 @@ class VllmEngine(WorkerEngine):
                     out = collector.get_nowait() or await collector.get()
                 except VllmEngineDead as e:
                     raise EngineDeadError(f"the vLLM engine died: {e}") from e
+                except Exception as e:  # noqa: BLE001 - vLLM failed this request only
+                    logger.exception("request_id=%s failed in vLLM", request_id)
+                    raise RequestFailed(f"vLLM failed this request: {e}") from e
                 self._live[request_id] = 0
                 item = from_vllm(request_id, out, num_prompt_tokens, num_logprobs)
                 finished = item.finished
@@ -201,7 +203,7 @@ class VllmEngine(WorkerEngine):
 
     def _build(self) -> Any:
         """On a thread: start vLLM (its processes, weights, KV cache). Returns the AsyncLLM."""
-        model = _model_argument(self._config.model)
+        model = model_argument(self._config.model)
         os.environ.update(cpu_thread_env(self._config.threads, self._options.tensor_parallel_size))
         from vllm.config.kv_events import KVEventsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -222,9 +224,9 @@ class VllmEngine(WorkerEngine):
             self._listener.start()
             mc = llm.model_config
             self._info = EngineInfo(
-                model_name=self._config.served_model_name or _model_name(self._config.model, model),
-                model_dir=_local_dir(model), max_model_len=mc.max_model_len,
-                block_size=block_size, eos_token_ids=_eos_token_ids(mc))
+                model_name=self._config.served_model_name or model_name(self._config.model, model),
+                model_dir=local_dir(model), max_model_len=mc.max_model_len,
+                block_size=block_size, eos_token_ids=eos_token_ids(mc))
         except BaseException:
             llm.shutdown()
             raise
@@ -265,40 +267,3 @@ class VllmEngine(WorkerEngine):
                 "dtype": str(mc.dtype).removeprefix("torch."), "block_size": str(cc.block_size),
                 "max_model_len": str(mc.max_model_len),
                 "tensor_parallel_size": str(llm.vllm_config.parallel_config.tensor_parallel_size)}
-
-
-def _model_argument(model: str | None) -> str:
-    """What vLLM loads: a local checkpoint directory as is; the embedded default or a .gguf
-    converted once into our cache (as our engine does); anything else is vLLM's to
-    resolve (a Hugging Face model id, which vLLM downloads)."""
-    path = Path(model).expanduser() if model is not None else None
-    if path is not None and path.is_dir():
-        return str(path.absolute())
-    if path is None or path.suffix == ".gguf":
-        from splitserve.model.registry import resolve_model
-        return str(resolve_model(model))
-    return model
-
-
-def _model_name(model: str | None, loaded: str) -> str:
-    from splitserve.model.registry import DEFAULT_MODEL_NAME
-    return DEFAULT_MODEL_NAME if model is None else Path(loaded).name
-
-
-def _local_dir(model: str) -> Path:
-    """Where the tokenizer files are: the directory, or a Hugging Face id's snapshot in
-    the local cache (vLLM downloaded it)."""
-    if Path(model).is_dir():
-        return Path(model)
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(model, local_files_only=True,
-                                  allow_patterns=list(TOKENIZER_FILE_NAMES)))
-
-
-def _eos_token_ids(model_config: Any) -> tuple[int, ...]:
-    """The model's EOS ids as ours reads them: config.json's, then generation_config's."""
-    ids: list[int] = []
-    for value in (model_config.hf_config.eos_token_id,
-                  model_config.try_get_generation_config().get("eos_token_id")):
-        ids += value if isinstance(value, list) else [value] if value is not None else []
-    return tuple(dict.fromkeys(ids))
