@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -53,7 +54,9 @@ def _vllm_serve(name: str, core: str, role: str, extra: dict, tmp: Path,
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=core, VLLM_CPU_KVCACHE_SPACE="1")
     log = tmp / f"{name}.log"
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        # Its own process group: vLLM's engine and worker processes go with it.
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
     return proc, f"http://127.0.0.1:{port}", log
 
 
@@ -72,13 +75,21 @@ def _wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float = 
         time.sleep(1)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def _stop(proc: subprocess.Popen, group: bool = True) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(60)
+            if group:   # the group outlives its leader while vLLM's children shut down
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +113,11 @@ def pair(tmp_path_factory):
              "--prefill-kv", f"127.0.0.1:{kv_port}"], tmp, "proxy", timeout=60)
         procs.append(proxy_proc)
         yield {"p": p[1], "d": d[1], "p_log": p[2], "d_log": d[2], "kv_port": kv_port,
+               "p_proc": p[0],
                "proxy": f"http://127.0.0.1:{proxy_port}"}
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
+        for i, proc in reversed(list(enumerate(procs))):
+            _stop(proc, group=i < 2)
 
 
 def _complete(url: str, prompt: str, params: dict | None = None, max_tokens: int = 24) -> dict:
@@ -223,3 +235,37 @@ def test_prefill_lease_expires_when_no_decode_comes(pair):
     assert re.search(rf"request_id=\S+ transfer {tid}: releasing \d+ KV blocks: lease expired",
                      pair["p_log"].read_text())
     _all_blocks_free(pair)
+
+
+def test_prefill_killed_mid_transfer_recomputes_only_what_did_not_arrive(pair):
+    """Last in the module: it kills the prefill server."""
+    prompt = "A very long night. " + STORY * 40                  # ~1700 tokens, 50+ steps on P
+    want = _tokens(_complete(pair["p"], prompt))
+    sent0 = _kv(pair, "p", "splitserve_kv_transfer_bytes_total", direction="sent")
+    fallbacks0 = _kv(pair, "d", "splitserve_kv_transfer_fallbacks_total")
+    with ThreadPoolExecutor(1) as ex:
+        decode = ex.submit(_pair_request_tolerating_p_death, pair, prompt)
+        # P's first frames are out (P counts them per step): P dies mid-prefill.
+        _wait(lambda: _kv(pair, "p", "splitserve_kv_transfer_bytes_total", direction="sent") > sent0,
+              "the first blocks to leave the prefill server", timeout=120)
+        os.killpg(pair["p_proc"].pid, signal.SIGKILL)
+        assert _tokens(decode.result()) == want
+    assert _kv(pair, "d", "splitserve_kv_transfer_fallbacks_total") == fallbacks0 + 1
+    m = re.findall(r"KV load failed \((\w+)\).*recomputing the (\d+) blocks that did not "
+                   r"arrive, reusing (\d+) verified", pair["d_log"].read_text())
+    assert m and int(m[-1][2]) > 0 and int(m[-1][1]) > 0, m
+    _wait(lambda: metric_value(pair["d"] + "/metrics", "vllm:kv_cache_usage_perc") == 0,
+          "the decode server to free every KV block")
+
+
+def _pair_request_tolerating_p_death(pair, prompt: str) -> dict:
+    tid = f"t-{uuid.uuid4().hex[:12]}"
+    with ThreadPoolExecutor(1) as ex:
+        p = ex.submit(_complete, pair["p"], prompt, {"do_remote_decode": True, "transfer_id": tid}, 1)
+        d = _complete(pair["d"], prompt, {"do_remote_prefill": True, "transfer_id": tid,
+                                          "remote_host": "127.0.0.1", "remote_port": pair["kv_port"]})
+        try:
+            p.result()
+        except (httpx.HTTPError, AssertionError):
+            pass        # P was killed under its request
+        return d
