@@ -95,6 +95,7 @@ LOCAL_ENGINE = "splitserve.worker.async_engine"
 VALUE_MODULES = ("splitserve.engine.types", "splitserve.engine.errors")
 ENGINE_INTERNALS = {"runner", "kv_manager", "scheduler", "kv_cache_snapshot", "drain_kv_events",
                     "commit_reserved", "add_request", "abort_request"}
+VLLM_ADAPTERS = "splitserve.worker.vllm_"
 
 
 def test_the_worker_reaches_its_engine_only_through_the_seam():
@@ -108,8 +109,10 @@ def test_the_worker_reaches_its_engine_only_through_the_seam():
             continue
         engine_modules = {d for d in GRAPH[module] if d.startswith("splitserve.engine.")
                           and not d.startswith(VALUE_MODULES)}
-        internals = {n.attr for n in ast.walk(ast.parse(path.read_text()))
-                     if isinstance(n, ast.Attribute) and n.attr in ENGINE_INTERNALS}
+        # vLLM's adapters call vLLM's own API, whose names overlap ours (add_request).
+        internals = set() if module.startswith(VLLM_ADAPTERS) else {
+            n.attr for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, ast.Attribute) and n.attr in ENGINE_INTERNALS}
         if engine_modules or internals:
             leaks[module] = sorted(engine_modules | internals)
     assert leaks == {}
