@@ -1,9 +1,12 @@
-"""n > 1 through the OpenAI SDK: n choices by index, whole and streamed, usage counting the
-prompt once; with a seed each choice is reproducible (choice i samples with seed + i, so
-choice 0 equals the n=1 answer) and the same in `serve --aggregated` and `serve`."""
+"""n > 1, best_of and echo through the OpenAI SDK: n choices by index, whole and streamed,
+usage counting the prompt once; with a seed each choice is reproducible (choice i samples
+with seed + i, so choice 0 equals the n=1 answer) and the same in `serve --aggregated` and
+`serve`; the n choices share one prefill; best_of keeps the most likely; echo prepends the
+prompt."""
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -96,3 +99,75 @@ def test_n_choices_share_one_prefill_and_one_kv_transfer(servers, mode):
         assert srv.worker_metric("splitserve_kv_transfers_total", decode_url) - transfers == 1
         assert srv.worker_metric("splitserve_prompt_tokens_computed_total", decode_url) - decode_computed == 2 * 4
     assert srv.worker_metric("splitserve_prefix_cache_hits_total", decode_url) - hits >= 2 * 96
+
+
+def _cumulative(choice) -> float:
+    return sum(choice.logprobs.token_logprobs)
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_best_of_returns_the_most_likely_of_its_sequences(servers, mode):
+    srv = servers[mode]
+    with _client(srv) as c:
+        every = c.completions.create(prompt="Once upon a time", n=4, logprobs=0, **SEEDED)
+        ranked = sorted(every.choices, key=_cumulative, reverse=True)
+        best = c.completions.create(prompt="Once upon a time", n=2, best_of=4, **SEEDED)
+        shown = c.completions.create(prompt="Once upon a time", n=1, best_of=4, logprobs=0, **SEEDED)
+    assert [ch.text for ch in best.choices] == [ch.text for ch in ranked[:2]]
+    assert [ch.index for ch in best.choices] == [0, 1] and best.choices[0].logprobs is None
+    # All four sequences were generated, and are counted.
+    assert best.usage.completion_tokens == 4 * 12
+    assert shown.choices[0].text == ranked[0].text
+    # Equal up to float rounding: the sequences ran in batches of other sizes.
+    assert shown.choices[0].logprobs.token_logprobs == pytest.approx(ranked[0].logprobs.token_logprobs,
+                                                                     abs=1e-4)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(n=3, best_of=2), "best_of must be in [n=3, 64]"),
+    (dict(best_of=3, stream=True), "best_of > n cannot be streamed"),
+    (dict(best_of=65), "best_of must be in"),
+])
+def test_invalid_best_of_is_a_400_naming_best_of(servers, extra, message):
+    with pytest.raises(openai.BadRequestError) as e, _client(servers[0]) as c:
+        c.completions.create(prompt="Once upon a time", **{**SEEDED, **extra})
+    assert e.value.body["param"] == "best_of" and message in e.value.body["message"]
+
+
+def _echoed(srv, stream: bool, **kwargs) -> str:
+    with _client(srv) as c:
+        if not stream:
+            return c.completions.create(model="tiny", echo=True, **kwargs).choices[0].text
+        return "".join(ch.choices[0].text for ch in c.completions.create(model="tiny", echo=True, stream=True,
+                                                                          **kwargs) if ch.choices)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_puts_the_prompt_before_the_completion(servers, stream):
+    agg, disagg = servers
+    greedy = dict(temperature=0, max_tokens=6, extra_body={"ignore_eos": True})
+    with _client(agg) as c:
+        plain = c.completions.create(model="tiny", prompt="Once upon a time", **greedy).choices[0].text
+    for srv in servers:
+        assert _echoed(srv, stream, prompt="Once upon a time", **greedy) == "Once upon a time" + plain
+    ids = [12, 40, 7, 99]
+    decoded = httpx.post(f"{agg.base_url}/detokenize", json={"model": "tiny", "tokens": ids},
+                         timeout=30).json()["prompt"]
+    assert _echoed(agg, stream, prompt=ids, max_tokens=0) == decoded
+
+
+def test_echo_with_max_tokens_0_answers_the_prompt_alone(servers):
+    with _client(servers[1]) as c:
+        resp = c.completions.create(model="tiny", prompt="Just this.", echo=True, max_tokens=0)
+    assert resp.choices[0].text == "Just this." and resp.choices[0].finish_reason == "length"
+    assert resp.usage.completion_tokens == 0 and resp.usage.prompt_tokens > 0
+
+
+def test_echo_with_logprobs_and_chat_echo_are_400s_naming_echo(servers):
+    with _client(servers[0]) as c:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt="Hi", echo=True, logprobs=1, max_tokens=2)
+        assert e.value.body["param"] == "echo"
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, extra_body={"echo": True})
+        assert e.value.body["param"] == "echo"

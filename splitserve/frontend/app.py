@@ -33,6 +33,7 @@ from splitserve.frontend.config import FrontendConfig
 from splitserve.frontend.admission import AdmissionQueue
 from splitserve.frontend.auth import ApiKeyAuth
 from splitserve.frontend.choices import MAX_N, child_request, start_all
+from splitserve.frontend.completion_options import echo_only, echo_text, generations
 from splitserve.frontend.errors import OpenAIError, bad_request, unavailable
 from splitserve.frontend.generation import CLIENT_GONE, Generation
 from splitserve.frontend.kv_events import KVEventFeed
@@ -226,16 +227,25 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None, *,
             raise bad_request("stream_options can only be given when stream is true", "stream_options")
         if not 1 <= body.n <= MAX_N:
             raise bad_request(f"n must be in [1, {MAX_N}], got {body.n}", "n")
+        num_sequences = generations(body, body.n)
         structure, tools = plan_request(body, shape.chat, fe.config.tool_call_parser,
                                         fe.config.enable_auto_tool_choice)
         prompt = await pre.prompt(body, shape.chat)
+        echo = echo_text(body, fe.tokenizer, prompt)
+        request_id = request.state.request_id
+        if echo and body.max_tokens == 0:
+            fe.metrics.requests.labels(status="200").inc()
+            return echo_only(request_id, info.model_name, echo, len(prompt), body.stream,
+                             body.include_usage)
         sampling = msgspec.structs.replace(pre.sampling(body, len(prompt), shape.chat),
                                            structured=structure)
-        request_id = request.state.request_id
+        if num_sequences > body.n and sampling.logprobs is None:
+            # best_of ranks by the sampled tokens' logprobs, shown only if asked for.
+            sampling = msgspec.structs.replace(sampling, logprobs=0)
         whole = p.GenerateRequest(request_id, prompt, sampling)
         gens = [Generation(fe.client, fe.planner, fe.tokenizer, fe.metrics, child_request(whole, i),
                            body.stop_list(), arrival, fe.config.migration_limit, admission=fe.admission)
-                for i in range(body.n)]
+                for i in range(num_sequences)]
         # A request waiting in the admission queue (or for its decode worker) leaves at
         # once when its client does.
         started, _ = await unless_disconnected(request, start_all(gens))
@@ -245,12 +255,14 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None, *,
             return Response(status_code=int(CLIENT_GONE))
         choices = [Choice(i, gen, splitter_for(fe.config.reasoning_parser, fe.tokenizer, prompt)
                           if shape.chat else None,
-                          LogprobsFormatter(fe.tokenizer, shape.chat) if gen.logprobs_requested else None,
-                          tools.output() if tools is not None else None)
+                          LogprobsFormatter(fe.tokenizer, shape.chat)
+                          if body.requested_logprobs() is not None else None,
+                          tools.output() if tools is not None else None, echo)
                    for i, gen in enumerate(gens)]
         if body.stream:
             return StreamingResponse(stream_events(shape, choices, info.model_name, body.include_usage),
                                      media_type="text/event-stream")
-        return await full_response(shape, choices, info.model_name)
+        return await full_response(shape, choices, info.model_name,
+                                   keep=body.n if num_sequences > body.n else None)
 
     return app

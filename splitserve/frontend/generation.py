@@ -69,7 +69,6 @@ class Generation:
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_generated_tokens = 0
         self.num_migrations = 0
-        self.logprobs_requested = request.sampling.logprobs is not None
         self._generated: list[int] = []
         self._num_transferred_tokens = 0
         self._client = client

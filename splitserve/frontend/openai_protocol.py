@@ -106,6 +106,8 @@ class _SamplingFields(_Strict):
     def unsupported(self) -> str | None:
         """Name of a field set to a value we cannot honour, if any."""
         extra = self.model_extra or {}
+        # Completions declare echo and best_of (completion_options.py); a chat request
+        # carrying them asks for something chat does not have.
         for name in ("echo", "suffix"):
             if extra.get(name) not in (None, False, [], 0):
                 return name
@@ -178,6 +180,8 @@ class CompletionRequest(_SamplingFields):
     prompt: Annotated[Any, AfterValidator(_check_prompt)]
     # OpenAI allows 0-5; vLLM (and we) up to its --max-logprobs default, 20.
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+    best_of: int | None = None
 
     def requested_logprobs(self) -> int | None:
         return self.logprobs

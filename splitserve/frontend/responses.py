@@ -85,6 +85,7 @@ class Choice:
     reasoning: ReasoningSplitter | None = None
     logprobs: LogprobsFormatter | None = None
     tools: ToolOutput | None = None
+    echo: str = ""     # completions' echo: the prompt's text, before the choice's own
 
 
 def _usage(choices: list[Choice]) -> dict:
@@ -110,12 +111,14 @@ def _split(choice: Choice, delta: Delta) -> ReasoningDelta:
     return out
 
 
-def _sse(obj: dict) -> bytes:
+def sse(obj: dict) -> bytes:
     return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
 
-async def _whole_choice(shape: Shape, choice: Choice) -> dict:
-    parts: list[str] = []
+async def _whole_choice(shape: Shape, choice: Choice) -> tuple[dict, float]:
+    """The choice's body, and its cumulative logprob (the sampled tokens' logprobs
+    summed; 0 when none were computed), which best_of ranks by."""
+    parts: list[str] = [choice.echo]
     thoughts: list[str] = []
     entries = []
     finish_reason = None
@@ -126,6 +129,7 @@ async def _whole_choice(shape: Shape, choice: Choice) -> dict:
         entries.extend(delta.logprobs)
         finish_reason = delta.finish_reason
     logprobs = choice.logprobs.format(entries) if choice.logprobs else None
+    cumulative = sum(e.logprob for e in entries)
     content: str | None = "".join(parts)
     calls = []
     if choice.tools is not None:
@@ -134,25 +138,32 @@ async def _whole_choice(shape: Shape, choice: Choice) -> dict:
         if calls and finish_reason == "stop":
             finish_reason = "tool_calls"
     if choice.reasoning is None and choice.tools is None:
-        return shape.final_choice(choice.index, content, finish_reason, logprobs)
+        return shape.final_choice(choice.index, content, finish_reason, logprobs), cumulative
     # As vLLM: a part that is empty is null.
     body = shape.final_choice(choice.index, content or None, finish_reason, logprobs)
     if choice.reasoning is not None:
         body["message"]["reasoning_content"] = "".join(thoughts) or None
     if choice.tools is not None:
         body["message"]["tool_calls"] = [c.to_json() for c in calls]
-    return body
+    return body, cumulative
 
 
-async def full_response(shape: Shape, choices: list[Choice], model: str) -> Response:
+async def full_response(shape: Shape, choices: list[Choice], model: str,
+                        keep: int | None = None) -> Response:
+    """keep: return only this many choices, those with the highest cumulative logprob,
+    best first (best_of); usage still counts every choice's tokens."""
     results = await asyncio.gather(*(_whole_choice(shape, c) for c in choices), return_exceptions=True)
     for r in results:
         if isinstance(r, OpenAIError):  # already counted by the Generation
             return r.response()
         if isinstance(r, BaseException):
             raise r
+    bodies = [body for body, _ in results]
+    if keep is not None:
+        best = sorted(results, key=lambda r: r[1], reverse=True)[:keep]
+        bodies = [{**body, "index": i} for i, (body, _) in enumerate(best)]
     body = {"id": shape.response_id(choices[0].gen.request_id), "object": shape.object_name,
-            "created": int(time.time()), "model": model, "choices": results,
+            "created": int(time.time()), "model": model, "choices": bodies,
             "usage": _usage(choices)}
     return Response(msgspec.json.encode(body), media_type="application/json")
 
@@ -161,6 +172,8 @@ async def _choice_chunks(shape: Shape, choice: Choice, out: asyncio.Queue) -> No
     """Puts the choice's stream choices (dicts) on `out`, then None; an OpenAIError too."""
     i = choice.index
     try:
+        if choice.echo:
+            out.put_nowait(shape.stream_choice(i, choice.echo, None))
         async for delta in choice.gen.deltas():
             split = _split(choice, delta)
             logprobs = choice.logprobs.format(delta.logprobs) if choice.logprobs and delta.logprobs else None
@@ -194,7 +207,7 @@ async def stream_events(shape: Shape, choices: list[Choice], model: str,
                 "created": created, "model": model, "choices": body_choices}
         if include_usage:  # OpenAI: with include_usage every chunk has a usage field
             body["usage"] = usage
-        return _sse(body)
+        return sse(body)
 
     if shape.chat:  # the first chat delta of each choice announces the role
         for c in choices:
@@ -213,7 +226,7 @@ async def stream_events(shape: Shape, choices: list[Choice], model: str,
             else:
                 yield chunk([item])
         if error is not None:  # headers are sent: the error travels as an event (as vLLM does)
-            yield _sse(error.body())
+            yield sse(error.body())
         elif include_usage:
             yield chunk([], _usage(choices))
         yield DONE
