@@ -18,9 +18,14 @@ from splitserve.cli.engine_args import engine_argv, engine_config_from_args
 from splitserve.cli.main import build_parser
 from splitserve.cli.discovery_args import discovery_argv, discovery_config
 from splitserve.cli.engine_args import transfer_argv, worker_config_from_args
+from splitserve.cli.frontend_args import frontend_argv, frontend_config_from_args
+from splitserve.cli.supervision_args import restart_policy_from_args
+from splitserve.cli.supervisor import RestartPolicy
 from splitserve.cli.serve_cmd import _check_discovery, _worker_argv, _worker_roles
 from splitserve.config import EngineConfig, defaults
 from splitserve.discovery.config import DiscoveryConfig
+from splitserve.frontend.config import FrontendConfig
+from splitserve.router import RouterConfig
 from splitserve.discovery.etcd_store import EtcdDiscoveryConfig
 from splitserve.discovery.file_store import FileDiscoveryConfig
 from splitserve.transfer.config import TransferConfig
@@ -57,6 +62,26 @@ def test_transfer_flags_round_trip_through_a_child_command_line():
                                                     busy_timeout=60.0, lease=20.0,
                                                     heartbeat_interval=2.5))
     assert worker_config_from_args(child.parser, child) == expected
+
+
+def test_frontend_and_supervision_flags_come_from_their_configs_and_reach_serves_frontend(monkeypatch):
+    monkeypatch.delenv("SPLITSERVE_API_KEY", raising=False)
+    args = build_parser().parse_args(["serve"])
+    assert frontend_config_from_args(args.parser, args) == FrontendConfig()
+    assert restart_policy_from_args(args.parser, args) == RestartPolicy()
+    args = build_parser().parse_args([
+        "serve", "--router", "random", "--kv-overlap-weight", "2.5", "--migration-limit", "1",
+        "--max-queued-requests", "7", "--queue-timeout", "9", "--prefill-overflow", "queue",
+        "--max-prefill-wait", "3", "--reasoning-parser", "qwen3", "--tool-call-parser", "hermes",
+        "--enable-auto-tool-choice", "--tokenizer", "/t", "--max-request-bytes", "1000",
+        "--api-key", "k3y", "--max-restarts", "2", "--restart-window", "60"])
+    config = frontend_config_from_args(args.parser, args)
+    assert config.router == RouterConfig("random", 2.5) and config.max_prefill_wait_s == 3.0
+    assert restart_policy_from_args(args.parser, args) == RestartPolicy(2, 60.0)
+    argv = frontend_argv(args)
+    assert "k3y" not in argv   # the key travels in the child's environment
+    child = build_parser().parse_args(["frontend", *argv])
+    assert frontend_config_from_args(child.parser, child) == dataclasses.replace(config, api_key=None)
 
 
 def test_engine_flags_round_trip_through_a_child_command_line():

@@ -25,6 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from splitserve.config import option
+
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
@@ -34,8 +36,11 @@ RESTARTS_ENV = "SPLITSERVE_RESTARTS"
 
 @dataclass(frozen=True)
 class RestartPolicy:
-    max_restarts: int = 5            # restarts of one child allowed within the window; 0: none
-    restart_window_s: float = 300.0
+    max_restarts: int = option(5, metavar="N", help=(
+        "restarts of one crashed child (worker or frontend) allowed within --restart-window; "
+        "one more exit stops serve with an error; 0 never restarts"))
+    restart_window_s: float = option(300.0, flag="--restart-window", metavar="SECONDS",
+                                     help="the window --max-restarts counts in")
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 30.0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from splitserve.config import option
+
 from splitserve.router import RouterConfig
 
 PREFILL_OVERFLOW = ("local", "queue")
@@ -44,21 +46,43 @@ class FrontendConfig:
     come from a ready worker (tokenizer_source.py), so this host needs no model files."""
 
     router: RouterConfig = field(default_factory=RouterConfig)
-    migration_limit: int = 3
+    migration_limit: int = option(3, metavar="N", help=(
+        "times a request may move to another decode worker when its own dies mid-stream"))
     poll_interval_s: float = 0.5
-    max_request_bytes: int = 16 * 2**20
+    max_request_bytes: int = option(16 * 2**20, metavar="N", help=(
+        "largest API request body accepted; a larger one is answered 413"))
     # The deployment's secret: workers that have one require it on their API.
     worker_secret: str | None = field(default=None, repr=False)
-    max_queued_requests: int = 1024
-    queue_timeout_s: float = 600.0
-    prefill_overflow: str = "local"
-    max_prefill_wait_s: float | None = None
-    api_key: str | None = field(default=None, repr=False)
-    reasoning_parser: str | None = None
-    tool_call_parser: str | None = None
-    enable_auto_tool_choice: bool = False
+    max_queued_requests: int = option(1024, metavar="N", help=(
+        "requests that may wait, in arrival order, for a worker to take them; one more is "
+        "answered 429"))
+    queue_timeout_s: float = option(600.0, flag="--queue-timeout", metavar="SECONDS", help=(
+        "how long a request may wait in that queue before it is answered 503"))
+    prefill_overflow: str = option("local", choices=PREFILL_OVERFLOW, help=(
+        "when no prefill worker is ready, or all expect a wait above --max-prefill-wait: "
+        "local (a decode worker computes the prompt itself) or queue (wait for a prefill "
+        "worker)"))
+    max_prefill_wait_s: float | None = option(None, flag="--max-prefill-wait", type=float,
+                                              metavar="SECONDS", help=(
+        "a prefill worker whose queued prompt tokens / measured rate exceed this is "
+        "saturated (default: never; requests wait in its queue)"))
+    # Never on a child's command line (visible to `ps`): serve passes it in the environment.
+    api_key: str | None = option(None, type=str, metavar="KEY", child=False, repr=False, help=(
+        "clients must send Authorization: Bearer KEY to every route but /live, /health and "
+        "/metrics (default: $SPLITSERVE_API_KEY; unset: open)"))
+    reasoning_parser: str | None = option(None, choices=REASONING_PARSERS, help=(
+        "split chat output into reasoning_content (inside <think>...</think>) and content, "
+        "as vLLM's parser of that name (default: off)"))
+    tool_call_parser: str | None = option(None, choices=TOOL_CALL_PARSERS, help=(
+        "how the model writes tool calls, parsed into tool_calls as vLLM's parser of that "
+        "name (default: off)"))
+    enable_auto_tool_choice: bool = option(False, help=(
+        'serve tool_choice "auto" (the default when tools are given): the model decides, '
+        "--tool-call-parser reads its calls"))
     # A local tokenizer directory; None: the workers hand theirs out (GET /tokenizer).
-    tokenizer: str | None = None
+    tokenizer: str | None = option(None, type=str, metavar="DIR", help=(
+        "directory with the model's tokenizer and chat template (default: fetched from a "
+        "ready worker, so this host needs no model files)"))
 
     def __post_init__(self) -> None:
         if self.migration_limit < 0:

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
 
+from splitserve.config import option
 from splitserve.router.load import WorkerLoad
 
 POLICIES = ("round-robin", "random", "kv")
@@ -24,8 +25,11 @@ class RouterConfig:
     worth (kv policy). 1.0 treats computing a block and waiting behind one as equal;
     higher favours cache hits over balance. seed fixes the random policy's choices."""
 
-    policy: str = "kv"
-    overlap_weight: float = 1.0
+    policy: str = option("kv", flag="--router", choices=POLICIES, help=(
+        "how workers are picked: kv (prefill where the prompt's prefix is cached, weighed "
+        "against queued work; decode by load and free KV), round-robin or random"))
+    overlap_weight: float = option(1.0, flag="--kv-overlap-weight", metavar="W", help=(
+        "kv router: blocks of queued prefill work one cached prompt block is worth"))
     seed: int | None = None
 
     def __post_init__(self) -> None:
