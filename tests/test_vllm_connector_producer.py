@@ -114,7 +114,10 @@ def test_aborted_prefill_ends_the_transfer_keeping_what_arrived():
         t = pair.fetch("x3")
         pair.step("x3", 2 * BLOCK, P_IDS[:2], first=True)
         wait(lambda: pair.arrived(1), "the first blocks at D")
+        # As the connector does before the step whose forward may reuse the blocks.
         pair.producer.on_aborted("x3", "the request was preempted on the prefill worker")
+        pair.server.drop("x3", "the request was preempted on the prefill worker")
+        assert pair.server.jobs() == []
         t.join(20)
         assert pair.result.outcome is Outcome.PEER_ERROR
         assert "preempted" in pair.result.reason

@@ -109,6 +109,16 @@ class KVTransferServer:
         with self._lock:
             return list(self._jobs)
 
+    def drop(self, request_id: str, why: str) -> None:
+        """Stop serving a request now, from the caller's thread: its blocks are about to
+        be reused. Shutting the session's socket down means no frame can start or finish
+        after this returns, so D never verifies bytes read after the reuse; a D that
+        reconnects hears why from the backend."""
+        with self._lock:
+            job = self._jobs.get(request_id)
+        if job is not None:
+            self.release(job, why, expired=False)
+
     def handshakes_in_progress(self) -> int:
         with self._lock:
             return self._handshaking

@@ -94,6 +94,7 @@ class SplitserveConnector(KVConnectorBase_V1):
         if self._producer is not None:
             for tid, why in connector_metadata.aborted.items():
                 self._producer.on_aborted(tid, why)
+                self._server.drop(tid, why)
         if self._consumer is not None:
             for spec in connector_metadata.recvs:
                 self._consumer.start(spec)
