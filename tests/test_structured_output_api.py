@@ -163,6 +163,9 @@ def test_json_object_output_is_an_object(servers):
         done = c.completions.create(model="smol", prompt="A JSON object:", max_tokens=200, temperature=0,
                                     extra_body={"response_format": {"type": "json_object"}})
     assert isinstance(json.loads(done.choices[0].text), dict)
+    content, *_ = _chat(servers[1], [{"role": "user", "content": "Is the sky blue?"}], max_tokens=10,
+                        temperature=0.7, seed=1, extra_body={"guided_choice": ["yes", "no", "unsure"]})
+    assert content in ("yes", "no", "unsure")
 
 
 @pytest.mark.parametrize("tool_choice", ["required",

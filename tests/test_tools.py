@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from splitserve.frontend.errors import OpenAIError
+from splitserve.frontend.structured_request import check
 from splitserve.frontend.tool_parsers import PARSERS
 from splitserve.frontend.tools import (FunctionDefinition, NamedToolChoice, ToolDefinition,
                                        plan_tools, required_schema)
@@ -85,6 +86,10 @@ def test_tool_choice_is_checked_against_the_tools():
     assert e.value.param == "tool_choice"
     with pytest.raises(OpenAIError) as e:
         plan_tools([WEATHER, WEATHER], "required", None, False)
+    assert e.value.param == "tools"
+    with pytest.raises(OpenAIError) as e:   # a forced call whose parameters are no schema
+        check(plan_tools([ToolDefinition(type="function", function=FunctionDefinition(
+            name="f", parameters={"type": "nope"}))], "required", None, False).structure())
     assert e.value.param == "tools"
     assert plan_tools(None, "none", None, False) is None
     assert plan_tools([WEATHER], "none", None, False).structure() is None

@@ -4,8 +4,8 @@ applied to its logits row before every sample (xgrammar, the library vLLM uses).
 - GrammarCache (one per engine): compiles a StructuredOutput for this engine's tokenizer
   once and keeps the result in a bounded LRU, keyed by (kind, spec). The tokenizer is
   loaded on the first structured request, not at start-up: most workers never need it.
-  Thread-safe, so a worker may compile ahead on another thread (warm()) and the engine
-  thread then only finds the result.
+  Thread-safe, so a worker compiles ahead on another thread (worker/async_engine.py) and
+  the engine thread then only finds the result.
 - GrammarState (one per request): an xgrammar matcher and how many output tokens it has
   accepted. It catches up with the request's output right before each mask, so it never
   needs to be told about a token: the first token sampled by a prefill worker, a
@@ -87,8 +87,6 @@ class GrammarCache:
             while len(self._compiled) > self._capacity:
                 self._compiled.popitem(last=False)
         return compiled
-
-    warm = compile  # the name a caller on another thread uses: it only wants the cache filled
 
     def state(self, so: StructuredOutput) -> "GrammarState":
         import xgrammar as xgr

@@ -228,8 +228,8 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None, *,
         if not 1 <= body.n <= MAX_N:
             raise bad_request(f"n must be in [1, {MAX_N}], got {body.n}", "n")
         num_sequences = generations(body, body.n)
-        structure, tools = plan_request(body, shape.chat, fe.config.tool_call_parser,
-                                        fe.config.enable_auto_tool_choice)
+        structure, tools = await plan_request(body, shape.chat, fe.config.tool_call_parser,
+                                              fe.config.enable_auto_tool_choice)
         prompt = await pre.prompt(body, shape.chat)
         echo = echo_text(body, fe.tokenizer, prompt)
         request_id = request.state.request_id

@@ -2,8 +2,9 @@
 json_schema) or vLLM's guided_json / guided_regex / guided_choice / guided_grammar
 extras, or a tool_choice that forces a call (tools.py). At most one of them.
 
-The spec is checked here, before any work reaches a worker: xgrammar parses the schema,
-regex or grammar without a tokenizer (milliseconds), so an invalid one is a 400 naming
+The spec is checked (check()) before any work reaches a worker: xgrammar parses the
+schema, regex or grammar without a tokenizer (milliseconds, but importing xgrammar the
+first time takes seconds: callers run it on a thread), so an invalid one is a 400 naming
 the parameter. The workers compile it for their tokenizer (engine/grammar.py).
 """
 
@@ -63,7 +64,8 @@ def _build(kind: str, spec: str, param: str) -> StructuredOutput:
 
 def requested_structure(body) -> StructuredOutput | None:
     """The structure a request body (openai_protocol: response_format, guided_*) asks for
-    (None: free text); a 400 when it is invalid or when two fields ask for one."""
+    (None: free text), not yet check()ed; a 400 when it is malformed or when two fields
+    ask for one."""
     asked: list[StructuredOutput] = []
     rf = body.response_format
     if rf is not None and rf.type == "json_object":
@@ -90,5 +92,5 @@ def requested_structure(body) -> StructuredOutput | None:
     if len(asked) > 1:
         raise bad_request(f"only one kind of structured output per request; got "
                           f"{', '.join(a.param for a in asked)}", asked[1].param)
-    return check(asked[0]) if asked else None
+    return asked[0] if asked else None
 

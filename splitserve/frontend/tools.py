@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -110,12 +111,13 @@ class ToolPlan:
     parser: str | None = None
 
     def structure(self) -> StructuredOutput | None:
-        """The grammar a forced choice needs (None for none/auto)."""
+        """The grammar a forced choice needs (None for none/auto); built from the tools'
+        parameters, so a schema xgrammar refuses is (once check()ed) a 400 naming `tools`."""
         if self.mode == "named":
             fn = next(t.function for t in self.tools if t.function.name == self.named)
-            return check(StructuredOutput.json_schema(_parameters(fn), "tool_choice"))
+            return StructuredOutput.json_schema(_parameters(fn), "tools")
         if self.mode == "required":
-            return check(StructuredOutput.json_schema(required_schema(self.tools), "tool_choice"))
+            return StructuredOutput.json_schema(required_schema(self.tools), "tools")
         return None
 
     def output(self) -> "ToolOutput | None":
@@ -232,14 +234,18 @@ def _required_calls(text: str) -> list[ToolCall]:
             for c in items if isinstance(c, dict) and isinstance(c.get("name"), str)]
 
 
-def plan_request(body, chat: bool, parser: str | None,
-                 auto_enabled: bool) -> tuple[StructuredOutput | None, ToolPlan | None]:
+async def plan_request(body, chat: bool, parser: str | None,
+                       auto_enabled: bool) -> tuple[StructuredOutput | None, ToolPlan | None]:
     """A request body's structured output (response_format, guided_*, or a forced tool
-    call's schema) and its tool plan (chat only); a 400 naming the parameter."""
+    call's schema), checked on a thread, and its tool plan (chat only); a 400 naming the
+    parameter."""
     structure = requested_structure(body)
     plan = plan_tools(body.tools, body.tool_choice, parser, auto_enabled) if chat else None
     forced = plan.structure() if plan is not None else None
     if forced is not None and structure is not None:
         raise bad_request(f"{structure.param} cannot be combined with a tool_choice that forces a "
                           "call", structure.param)
-    return forced or structure, plan
+    structure = forced or structure
+    if structure is not None:
+        await asyncio.to_thread(check, structure)
+    return structure, plan

@@ -110,7 +110,7 @@ class AsyncEngine(WorkerEngine):
         thread finds it there instead of stalling every running request. An invalid spec
         raises RequestError here, as the engine would."""
         if params.structured is not None and self._grammars is not None:
-            await asyncio.to_thread(self._grammars.warm, params.structured)
+            await asyncio.to_thread(self._grammars.compile, params.structured)
 
     async def add(self, request_id: str, prompt_token_ids: list[int],
                   params: SamplingParams) -> AsyncIterator[RequestOutput]:
