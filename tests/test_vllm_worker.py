@@ -183,3 +183,14 @@ def test_models_are_named_as_our_engine_names_them_and_hub_ids_as_vllm_does(tmp_
     assert model_argument("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
     assert model_name("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct") == \
         "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_vllms_cpu_build_gets_a_kv_cache_it_can_start_with_and_block_sizes_it_can_use():
+    from splitserve.worker.vllm_options import CPU_DEFAULT_KV_CACHE_BYTES, fit_platform
+    with pytest.raises(ConfigError, match="multiple of 32, got 16"):
+        fit_platform({"block_size": 16}, is_cpu=True)
+    assert fit_platform({"block_size": 16}, is_cpu=False) == {"block_size": 16}   # CUDA
+    # Without --kv-cache-memory: our engine's cap, not vLLM's 92% of the machine.
+    assert fit_platform({}, True, {}) == {"kv_cache_memory_bytes": CPU_DEFAULT_KV_CACHE_BYTES}
+    assert fit_platform({}, True, {"VLLM_CPU_KVCACHE_SPACE": "4"}) == {}
+    assert fit_platform({"kv_cache_memory_bytes": 5}, True, {}) == {"kv_cache_memory_bytes": 5}

@@ -38,7 +38,7 @@ from splitserve.worker.engine_api import (
 from splitserve.worker.vllm_kv_listener import VllmKVEventListener
 from splitserve.worker.vllm_kv_translate import VllmKVTranslator
 from splitserve.worker.vllm_model import eos_token_ids, local_dir, model_argument, model_name
-from splitserve.worker.vllm_options import VllmOptions, cpu_thread_env, engine_kwargs
+from splitserve.worker.vllm_options import VllmOptions, cpu_thread_env, engine_kwargs, fit_platform
 from splitserve.worker.vllm_sampling import from_vllm, to_vllm
 
 logger = logging.getLogger(__name__)
@@ -207,6 +207,7 @@ class VllmEngine(WorkerEngine):
         os.environ.update(cpu_thread_env(self._config.threads, self._options.tensor_parallel_size))
         from vllm.config.kv_events import KVEventsConfig
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         from splitserve.worker.vllm_stats import VllmStatsCollector
@@ -214,8 +215,9 @@ class VllmEngine(WorkerEngine):
         events = KVEventsConfig(enable_kv_cache_events=self._config.enable_prefix_caching,
                                 publisher="zmq", endpoint=self._listener.endpoint,
                                 replay_endpoint=self._listener.replay_endpoint)
-        args = AsyncEngineArgs(**engine_kwargs(self._config, self._options, model),
-                               kv_events_config=events, disable_log_stats=True)
+        kwargs = fit_platform(engine_kwargs(self._config, self._options, model),
+                              current_platform.is_cpu())
+        args = AsyncEngineArgs(**kwargs, kv_events_config=events, disable_log_stats=True)
         collector = functools.partial(VllmStatsCollector, on_stats=self._on_stats)
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[collector])
         try:

@@ -118,3 +118,26 @@ def cpu_thread_env(threads: int | None, tensor_parallel_size: int,
         return {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in groups)}
     return {"VLLM_CPU_OMP_THREADS_BIND": "nobind",
             "OMP_NUM_THREADS": str(max(1, wanted // tensor_parallel_size))}
+
+
+# vLLM's CPU build sizes its KV cache, by default, as a share (0.92) of the machine's
+# memory, and refuses to start when other processes hold more than the rest. A worker
+# without --kv-cache-memory gets our engine's default cap instead.
+CPU_DEFAULT_KV_CACHE_BYTES = 2 * 1024**3
+
+
+def fit_platform(kwargs: dict[str, Any], is_cpu: bool,
+                 environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """kwargs for vLLM's platform: on CPU the KV cache default above (unless
+    $VLLM_CPU_KVCACHE_SPACE sets it), and a block size vLLM's CPU attention can use, refused
+    here rather than from deep inside vLLM's processes ("Engine core initialization
+    failed")."""
+    if not is_cpu:
+        return kwargs
+    environ = os.environ if environ is None else environ
+    size = kwargs.get("block_size")
+    if size is not None and size % 32:
+        raise ConfigError(f"vLLM's CPU build needs --block-size to be a multiple of 32, got {size}")
+    if "kv_cache_memory_bytes" not in kwargs and not environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return {**kwargs, "kv_cache_memory_bytes": CPU_DEFAULT_KV_CACHE_BYTES}
+    return kwargs
