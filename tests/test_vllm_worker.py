@@ -159,8 +159,8 @@ def test_cpu_cores_bound_as_the_worker_was_given_them():
 
 # --- flags refused before anything loads -------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
-    (["worker", "--engine", "vllm", "--role", "prefill"], "supports the aggregated role only"),
-    (["serve", "--engine", "vllm"], "supports the aggregated role only"),
+    (["worker", "--engine", "vllm", "--role", "prefill"], "serves the aggregated role only"),
+    (["serve", "--engine", "vllm"], "serves the aggregated role only"),
     (["worker", "--enforce-eager"], "add --engine vllm"),
     (["worker", "--engine", "vllm", "--vllm-arg", "model=x"], "use --model"),
     (["worker", "--engine", "vllm", "--vllm-arg", "no_such_arg=1"], "not one of vLLM's engine"),

@@ -10,8 +10,10 @@ from splitserve.config import ConfigError
 from splitserve.worker.vllm_options import ENGINES, VllmOptions, parse_vllm_arg
 
 _DEFAULTS = VllmOptions()
-ROLE_ERROR = ("--engine vllm supports the aggregated role only (worker --role both, serve "
-              "--aggregated) until the vLLM KV connector lands")
+ROLE_ERROR = ("--engine vllm serves the aggregated role only (worker --role both, serve "
+              "--aggregated): vLLM prefill and decode workers are not wired to the vLLM KV "
+              "connector yet. To disaggregate vLLM today, run two `vllm serve` with "
+              "SplitserveConnector behind `splitserve vllm-proxy` (see its --help)")
 
 
 def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
