@@ -202,3 +202,18 @@ def test_kv_events_name_the_prompts_blocks_as_the_router_hashes_them(server):
             break
         time.sleep(0.2)
     assert expected <= stored
+
+
+def test_structured_output_is_compiled_by_vllm(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Give me a person as JSON."}],
+        max_tokens=60, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
+    person = json.loads(out.choices[0].message.content)
+    assert isinstance(person["name"], str) and isinstance(person["age"], int)
+    choice = client.completions.create(model=MODEL, prompt="Is the sky blue? Answer:",
+                                       max_tokens=5, extra_body={"guided_choice": ["yes", "no"]})
+    assert choice.choices[0].text in ("yes", "no")
