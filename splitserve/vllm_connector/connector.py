@@ -69,6 +69,12 @@ class SplitserveConnector(KVConnectorBase_V1):
 
         cfg, tc = self.config, self._kv_transfer_config
         tp_rank = get_tensor_model_parallel_rank()
+        devices = {str(t.device) for t in kv_caches.values()}
+        if devices != {"cpu"}:
+            # NOTE: moving KV that lives in accelerator memory needs pinned host staging
+            # buffers (a copy step on each side); not built yet.
+            raise NotImplementedError(f"SplitserveConnector moves KV in CPU memory only; this "
+                                      f"worker's KV is on {sorted(devices)}")
         blocks = KVBlocks.from_layers(kv_caches, self._kv_cache_config.num_blocks, self.block_size)
         fp = kv_fingerprint(blocks, **_model_identity(self._vllm_config), tp_rank=tp_rank)
         if tc.is_kv_producer:
