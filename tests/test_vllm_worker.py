@@ -162,6 +162,7 @@ def test_cpu_cores_bound_as_the_worker_was_given_them():
     (["worker", "--engine", "vllm", "--role", "prefill"], "serves the aggregated role only"),
     (["serve", "--engine", "vllm"], "serves the aggregated role only"),
     (["worker", "--enforce-eager"], "add --engine vllm"),
+    (["worker", "--engine", "vllm", "--device", "cuda:1"], "CUDA_VISIBLE_DEVICES"),
     (["worker", "--engine", "vllm", "--vllm-arg", "model=x"], "use --model"),
     (["worker", "--engine", "vllm", "--vllm-arg", "no_such_arg=1"], "not one of vLLM's engine"),
     (["worker", "--engine", "vllm", "--tensor-parallel-size", "0"], "at least 1"),

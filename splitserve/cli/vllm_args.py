@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from splitserve.config import ConfigError
+from splitserve.config import ConfigError, EngineConfig
 from splitserve.worker.vllm_options import ENGINES, VllmOptions, parse_vllm_arg
 
 _DEFAULTS = VllmOptions()
@@ -44,6 +44,9 @@ def vllm_options_from_args(parser: argparse.ArgumentParser, args: argparse.Names
         return None
     if role != "both":
         parser.error(ROLE_ERROR)
+    if args.device != EngineConfig.device:
+        parser.error("--device is our engine's: vLLM runs on the device its build is for (choose "
+                     "GPUs with CUDA_VISIBLE_DEVICES)")
     try:
         options = VllmOptions(
             tensor_parallel_size=args.tensor_parallel_size,
