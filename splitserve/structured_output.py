@@ -36,6 +36,12 @@ class StructuredOutputError(ValueError):
         self.param = param
 
 
+def compile_error_reason(e: Exception) -> str:
+    """The reason in an error xgrammar raised, without its "[time] file.cc:line: " prefix."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
+
+
 def canonical_json(value) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 

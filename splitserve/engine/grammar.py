@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from splitserve.engine.errors import RequestError
-from splitserve.structured_output import StructuredOutput
+from splitserve.structured_output import StructuredOutput, compile_error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class GrammarCache:
         try:
             compiled = _compile(compiler, so)
         except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError with the reason
-            raise RequestError(f"invalid {so.param}: {_first_line(e)}", so.param) from e
+            raise RequestError(f"invalid {so.param}: {compile_error_reason(e)}", so.param) from e
         with self._lock:
             self._compiled[key] = compiled
             while len(self._compiled) > self._capacity:
@@ -95,12 +95,6 @@ class GrammarCache:
 
     def __len__(self) -> int:
         return len(self._compiled)
-
-
-def _first_line(e: Exception) -> str:
-    # xgrammar prefixes its messages with "[time] file.cc:line: "; keep the reason.
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
 
 
 _LENIENT_CHAR, _JSON_CHAR = r'[^\"\\\r\n]', r'[^\0-\x1f\"\\]'

@@ -16,7 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from splitserve.frontend.errors import bad_request
-from splitserve.structured_output import StructuredOutput, StructuredOutputError, canonical_json
+from splitserve.structured_output import (StructuredOutput, StructuredOutputError, canonical_json,
+                                          compile_error_reason)
 
 
 class _Body(BaseModel):
@@ -49,9 +50,7 @@ def check(so: StructuredOutput) -> StructuredOutput:
         elif so.kind == "grammar":
             xgr.Grammar.from_ebnf(so.spec)
     except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError with the reason
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        reason = text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
-        raise bad_request(f"invalid {so.param}: {reason}", so.param) from None
+        raise bad_request(f"invalid {so.param}: {compile_error_reason(e)}", so.param) from None
     return so
 
 
