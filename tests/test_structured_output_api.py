@@ -198,6 +198,8 @@ def test_a_tool_call_round_trip(servers, tool_choice):
 
 def test_auto_tool_choice_gives_content_or_parsed_calls(servers):
     content, calls, reason, _ = _chat(servers[0], ASK, tools=TOOLS, max_tokens=60, temperature=0)
+    assert _chat(servers[0], ASK, stream=True, tools=TOOLS, max_tokens=60,
+                 temperature=0)[:3] == (content, calls, reason)
     assert (reason == "tool_calls") == bool(calls)
     assert content or calls
     assert "<tool_call>" not in (content or "")
