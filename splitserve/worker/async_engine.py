@@ -137,6 +137,10 @@ class AsyncEngine(WorkerEngine):
 
     def submit_held(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     sink: HeldSink) -> None:
+        # NOTE: called on a KV transfer job's thread (prefill_backend.py), never the engine's:
+        # a structured request's grammar is compiled here, and a failure reaches the peer.
+        if params.structured is not None and self._grammars is not None:
+            self._grammars.compile(params.structured)
         self._send(_Hold(request_id, prompt_token_ids, params, sink))
 
     def release_held(self, request_id: str) -> None:
