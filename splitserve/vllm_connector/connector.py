@@ -25,6 +25,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from splitserve.transfer.config import TransferStats
 from splitserve.transfer.kvmem import KVBlocks, kv_fingerprint
 from splitserve.transfer.server import KVTransferServer
+from splitserve.vllm_connector.affinity import unpinned
 from splitserve.vllm_connector.config import ConnectorConfig
 from splitserve.vllm_connector.consumer import Consumer
 from splitserve.vllm_connector.metadata import SplitserveMetadata
@@ -83,7 +84,8 @@ class SplitserveConnector(KVConnectorBase_V1):
             self._server = KVTransferServer(blocks, fp, cfg.transfer, self._producer,
                                             cfg.kv_host, cfg.kv_port + tp_rank, self.stats,
                                             partial_start=True)
-            self._server.start()
+            with unpinned():      # the acceptor's and reaper's threads, and all they start
+                self._server.start()
         if tc.is_kv_consumer:
             self._consumer = Consumer(blocks, cfg.transfer, fp, self.stats, tp_rank,
                                       tc.kv_load_failure_policy)
@@ -102,8 +104,10 @@ class SplitserveConnector(KVConnectorBase_V1):
                 self._producer.on_aborted(tid, why)
                 self._server.drop(tid, why)
         if self._consumer is not None:
-            for spec in connector_metadata.recvs:
-                self._consumer.start(spec)
+            if connector_metadata.recvs:
+                with unpinned():
+                    for spec in connector_metadata.recvs:
+                        self._consumer.start(spec)
             for rid, why in connector_metadata.cancels.items():
                 self._consumer.cancel(rid, why)
 
