@@ -7,6 +7,7 @@ import math
 import time
 
 import httpx
+import msgspec
 import pytest
 
 from golden import random_prompt
@@ -121,7 +122,7 @@ def test_a_request_whose_sampling_fails_fails_alone(eng, monkeypatch, how, victi
         eng.add_request(rid, prompts[rid], params[rid])
     undisturbed = run_all(eng)
 
-    victim = SamplingParams(**{f: getattr(victim_params, f) for f in victim_params.__dataclass_fields__})
+    victim = msgspec.structs.replace(victim_params)  # a distinct object: poison() matches by identity
     poison(monkeypatch, eng, victim, after, how)
     for rid in ("a", "b"):
         eng.add_request(rid, prompts[rid], params[rid])

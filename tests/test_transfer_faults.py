@@ -146,9 +146,11 @@ def test_cancelled_fetch_returns_at_once_and_p_drops_it():
 def test_reconnects_count_a_live_prefill_as_progress():
     # The link resets every session before any block is ready, while P computes one long
     # chunk. Only P's PROGRESS shows it is alive; with reconnect_attempts=1 that must be
-    # enough to keep reconnecting until the KV arrives.
+    # enough to keep reconnecting until the KV arrives. The lease is long: a loaded machine
+    # may delay D's reconnect past FAST's 1 s lease, and a lease expiry (tested elsewhere)
+    # would restart the prefill and add a resume this test does not count.
     pkv, dkv, fp, backend = setup(blocks_per_chunk=20, chunk_delay=1.5, progress_interval=0.05)
-    cfg = TransferConfig(transport="tcp", **{**FAST, "reconnect_attempts": 1})
+    cfg = TransferConfig(transport="tcp", **{**FAST, "reconnect_attempts": 1, "lease": 30.0})
     with KVTransferServer(pkv, fp, cfg, backend) as server, FaultProxy(server.address) as proxy:
         proxy.reset_after(400, times=4)
         r = fetch_kv(proxy.address, request("flaky", 20), list(range(20)), dkv, cfg, fp)
