@@ -1,4 +1,5 @@
-"""Await work on behalf of an HTTP caller, unless the caller disconnects first.
+"""Await work on behalf of an HTTP caller, unless the caller disconnects first; stream a
+response whose generator is closed the moment the caller leaves.
 
 Shared by the frontend (a request waiting in the admission queue) and the decode worker
 (a request waiting for its KV): a caller that left must not keep a queue place, a KV
@@ -13,7 +14,10 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
+import anyio
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 
 async def _disconnected(request: Request) -> None:
@@ -31,10 +35,38 @@ async def unless_disconnected(request: Request, work: Awaitable[Any]) -> tuple[b
     try:
         await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
     finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, gone, return_exceptions=True)
+        await cancel_and_wait([gone] if task.done() else [task, gone])
     if task.cancelled():
         return False, None
     return True, task.result()
+
+
+async def cancel_and_wait(tasks: list[asyncio.Future]) -> None:
+    """Cancel `tasks` and wait until each has run its cleanup. Shielded: when the client
+    leaves, the server cancels the caller's scope and anyio re-cancels every await in it;
+    a cancelled gather would cancel the tasks a second time, in the middle of their
+    cleanup (the HTTP client's closing of a worker connection among it: left open, the
+    worker generates to max_tokens for nobody)."""
+    for t in tasks:
+        t.cancel()
+    with anyio.CancelScope(shield=True):
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its async generator when the response ends, however
+    it ends. Starlette cancels the sending task when the caller disconnects; if that lands
+    in send() rather than inside the generator, the generator stays suspended at a yield
+    and its `finally` (abort the request, free its KV blocks, close the upstream stream)
+    waits for the garbage collector, which the traceback's reference cycles delay for
+    seconds or more: meanwhile the engine generates for nobody. Shielded, because anyio
+    cancellation recurs at every await inside the cancelled scope."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            close = getattr(self.body_iterator, "aclose", None)
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import httpx
 import openai
@@ -170,16 +171,22 @@ def test_32_concurrent_streams_all_complete(server):
     assert asyncio.run(main()) == [("length", 8)] * 32
 
 
-def test_client_disconnect_mid_stream_frees_the_kv_blocks(server, client):
-    stream = client.completions.create(model="tiny", prompt="A long story:", max_tokens=400,
+def test_client_disconnect_mid_stream_aborts_the_request_on_its_worker(server, client):
+    stream = client.completions.create(model="tiny", prompt="A long story:", max_tokens=480,
                                        temperature=0, stream=True, extra_body={"ignore_eos": True})
-    for _, _chunk in zip(range(3), stream):
+    for _, chunk in zip(range(3), stream):
         pass
+    request_id = chunk.id.removeprefix("cmpl-")
     assert server.worker_metric("splitserve_kv_blocks_in_use") > 0  # still generating
     stream.close()
     assert server.wait_worker_metric("splitserve_kv_blocks_in_use", 0) == 0
     assert server.wait_worker_metric("splitserve_num_requests_running", 0) == 0
-    assert "client disconnected" in server.log()
+    # The worker aborted it (it did not run on to max_tokens unheard).
+    deadline = time.monotonic() + 15
+    while f"request_id={request_id} aborted by its caller" not in server.log():
+        assert time.monotonic() < deadline, server.log()[-3000:]
+        time.sleep(0.1)
+    assert f"request_id={request_id} client disconnected" in server.log()
 
 
 def test_metrics_count_requests_and_tokens(server):

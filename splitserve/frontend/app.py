@@ -23,12 +23,12 @@ from contextlib import asynccontextmanager
 import httpx
 import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
 from splitserve.discovery.base import Discovery
-from splitserve.disconnect import unless_disconnected
+from splitserve.disconnect import ClosingStreamingResponse, unless_disconnected
 from splitserve.frontend.config import FrontendConfig
 from splitserve.frontend.admission import AdmissionQueue
 from splitserve.frontend.auth import ApiKeyAuth
@@ -260,7 +260,7 @@ def create_app(discovery: Discovery, config: FrontendConfig | None = None, *,
                           tools.output() if tools is not None else None, echo)
                    for i, gen in enumerate(gens)]
         if body.stream:
-            return StreamingResponse(stream_events(shape, choices, info.model_name, body.include_usage),
+            return ClosingStreamingResponse(stream_events(shape, choices, info.model_name, body.include_usage),
                                      media_type="text/event-stream")
         return await full_response(shape, choices, info.model_name,
                                    keep=body.n if num_sequences > body.n else None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 
+import anyio
 import msgspec
 
 from splitserve.engine.types import SEED_MAX, SEED_MIN
@@ -57,7 +58,9 @@ async def start_all(gens: list[Generation]) -> None:
                 gen.share_prompt_of(first)
         results = await asyncio.gather(*(start(g) for g in siblings), return_exceptions=True)
     except asyncio.CancelledError:
-        await asyncio.gather(*(g.abandon("the client left") for g in started), return_exceptions=True)
+        with anyio.CancelScope(shield=True):   # see disconnect.cancel_and_wait
+            await asyncio.gather(*(g.abandon("the client left") for g in started),
+                                 return_exceptions=True)
         raise
     failed = next((r for r in results if isinstance(r, BaseException)), None)
     if failed is not None:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import time
 
 import msgspec
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
+from splitserve.disconnect import ClosingStreamingResponse
 from splitserve.frontend.errors import bad_request
 from splitserve.frontend.openai_protocol import CompletionRequest
 from splitserve.frontend.responses import COMPLETION, DONE, sse
@@ -71,4 +72,4 @@ def echo_only(request_id: str, model: str, text: str, num_prompt_tokens: int,
             yield sse({**chunk, "choices": [], "usage": usage})
         yield DONE
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return ClosingStreamingResponse(events(), media_type="text/event-stream")

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
+import anyio
 import msgspec
 
 from splitserve.engine.types import TokenLogprobs
@@ -188,7 +189,7 @@ class Generation:
         worker aborts the request, freeing its KV). The HTTP request's outcome is
         recorded by whoever answers it, not here."""
         try:
-            await self._resources.aclose()
+            await self._close_stream()
         finally:
             self._planner.finished(self.request_id)
             logger.info("request_id=%s abandoned before its first token: %s", self.request_id, why)
@@ -215,12 +216,18 @@ class Generation:
             status = str(e.status)
             raise
         finally:
-            # NOTE: under cancellation (client gone) the await below may be cancelled too;
-            # the outcome is recorded regardless.
             try:
-                await self._resources.aclose()
+                await self._close_stream()
             finally:
                 self._finish(status)
+
+    async def _close_stream(self) -> None:
+        """Close the worker stream, which makes the worker abort an unfinished request.
+        Shielded: when the client leaves, the server cancels this task's scope, and anyio
+        cancellation recurs at every await inside it; an unshielded close would be cut
+        short and leave the connection open, so the worker would generate to max_tokens."""
+        with anyio.CancelScope(shield=True):
+            await self._resources.aclose()
 
     async def _chunks_in_order(self) -> AsyncIterator[p.GenerateChunk]:
         if self._peek_error is not None:
@@ -255,7 +262,7 @@ class Generation:
         """Continue on another worker after `lost`; returns the final delta when nothing
         is left to generate (the worker died after the last token, before saying so)."""
         try:
-            await self._resources.aclose()      # the broken stream
+            await self._close_stream()      # the broken stream
         except WorkerUnavailable:
             pass    # closing a dead connection failed too: nothing left to release
         self._resources = AsyncExitStack()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import msgspec
 from fastapi.responses import Response
 
+from splitserve.disconnect import cancel_and_wait
 from splitserve.frontend.errors import OpenAIError
 from splitserve.frontend.generation import Delta, Generation
 from splitserve.frontend.logprobs import LogprobsFormatter
@@ -233,6 +234,4 @@ async def stream_events(shape: Shape, choices: list[Choice], model: str,
     finally:
         # A client gone, or one choice failed: the others' worker streams close (their
         # requests are aborted and free their KV blocks).
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)

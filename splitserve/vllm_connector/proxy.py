@@ -19,9 +19,10 @@ import uuid
 import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from splitserve.disconnect import ClosingStreamingResponse
 from splitserve.config import ConfigError
 from splitserve.vllm_connector.proxy_args import ProxyConfig, config_from_args
 
@@ -71,7 +72,7 @@ def make_app(cfg: ProxyConfig) -> Starlette:
                 await d_resp.aclose()
                 await p_task
 
-        return StreamingResponse(relay(), status_code=d_resp.status_code,
+        return ClosingStreamingResponse(relay(), status_code=d_resp.status_code,
                                  media_type=d_resp.headers.get("content-type"))
 
     async def models(request: Request) -> Response:

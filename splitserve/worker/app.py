@@ -18,11 +18,11 @@ from contextlib import asynccontextmanager
 
 import msgspec
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from splitserve.discovery import WorkerRecord
-from splitserve.disconnect import unless_disconnected
+from splitserve.disconnect import ClosingStreamingResponse, unless_disconnected
 from splitserve.engine.types import EngineStats, RequestOutput, SamplingError
 from splitserve.metrics import WorkerMetrics
 from splitserve.transfer.config import TransferStats
@@ -190,7 +190,7 @@ def create_app(engine: WorkerEngine, config: WorkerConfig, worker_id: str,
                 lines = await publisher.subscribe(engine)
             except EngineDeadError as e:
                 return _reply(503, p.WorkerHealth("failed", str(e)))
-            return StreamingResponse(lines, media_type=NDJSON)
+            return ClosingStreamingResponse(lines, media_type=NDJSON)
 
     @app.post("/generate")
     async def generate(request: Request) -> Response:
@@ -234,7 +234,7 @@ def create_app(engine: WorkerEngine, config: WorkerConfig, worker_id: str,
             return _reply(503, p.WorkerHealth("failed", str(e)))
         logger.info("request_id=%s admitted: %d prompt tokens, max_tokens=%d",
                     req.request_id, len(req.prompt_token_ids), params.max_tokens)
-        return StreamingResponse(_ndjson(req.request_id, outputs), media_type=NDJSON)
+        return ClosingStreamingResponse(_ndjson(req.request_id, outputs), media_type=NDJSON)
 
     return app
 
@@ -255,3 +255,9 @@ async def _ndjson(request_id: str, outputs: AsyncIterator[RequestOutput]) -> Asy
     except (EngineDeadError, RequestFailed) as e:
         logger.error("request_id=%s failed: %s", request_id, e)
         yield p.encode_line(p.GenerateChunk(error=str(e)))
+    finally:
+        # Closed at a yield (the caller left), this generator does not close `outputs`,
+        # whose own finally aborts the request in the engine: that must happen now, not
+        # whenever the garbage collector reaches the suspended generator.
+        if (close := getattr(outputs, "aclose", None)) is not None:
+            await close()
