@@ -105,6 +105,14 @@ def test_structured_output_maps_onto_vllms():
     assert choice.structured_outputs.choice == ["yes", "no"]
 
 
+def test_a_migrated_structured_request_is_refused_not_restarted():
+    resumed = SamplingParams(structured=StructuredOutput.json_schema({"type": "object"}),
+                             resumed_output_tokens=5)
+    with pytest.raises(RequestError, match="cannot continue on a vLLM worker") as e:
+        to_vllm("r", resumed)
+    assert e.value.param == "response_format"
+
+
 def test_an_unmapped_sampling_field_is_refused_not_dropped(monkeypatch):
     import splitserve.worker.vllm_sampling as vs
     monkeypatch.setattr(vs, "_MAPPED", vs._MAPPED - {"min_tokens"})

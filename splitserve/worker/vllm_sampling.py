@@ -43,6 +43,12 @@ def to_vllm(request_id: str, params: SamplingParams):
     for name, default in _DEFAULTS.items():
         if name not in _MAPPED and getattr(params, name) != default:
             raise RequestError(f"{name} is not supported by vLLM workers", name)
+    if params.resumed_output_tokens and params.structured is not None:
+        # vLLM's grammar would start at the first token after the resumed output, in the
+        # middle of the structure: the continuation could not be valid. Refused, not wrong.
+        raise RequestError("a structured output request cannot continue on a vLLM worker after "
+                           "a migration: vLLM's grammar cannot start inside the output so far",
+                           "response_format")
     if params.resumed_output_tokens and (params.presence_penalty or params.frequency_penalty):
         # vLLM counts the resumed tokens as prompt, which its presence and frequency
         # penalties do not look at: the rest of a migrated request may differ slightly.
