@@ -217,3 +217,22 @@ def test_structured_output_is_compiled_by_vllm(client):
     choice = client.completions.create(model=MODEL, prompt="Is the sky blue? Answer:",
                                        max_tokens=5, extra_body={"guided_choice": ["yes", "no"]})
     assert choice.choices[0].text in ("yes", "no")
+
+
+def test_a_forced_tool_call_round_trip(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"]}}}]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(
+        model=MODEL, messages=ask, tools=tools, max_tokens=60, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    message = first.choices[0].message
+    [call] = message.tool_calls
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+    answer = client.chat.completions.create(
+        model=MODEL, tools=tools, tool_choice="none", max_tokens=20, temperature=0,
+        messages=[*ask, message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}])
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
