@@ -1,7 +1,8 @@
 """`splitserve bench longctx`: time to first token, aggregated vs disaggregated, per
-prompt length, through the OpenAI API of a real `splitserve serve`; plus, for the
-disaggregated run, the KV transfer rate and whether the KV was transferred or recomputed
-(from the decode worker's metrics, not assumed).
+prompt length, through the OpenAI API of a real `splitserve serve` (or, with `--engine
+vllm`, of plain `vllm serve` processes: longctx_vllm.py); plus, for the disaggregated run,
+the KV transfer rate and whether the KV was transferred or recomputed (from the decode
+side's metrics, not assumed).
 
 Prompts have exact token counts: real tokens from the model's tokenizer (a long text
 tokenized once, cut to length), sent as token ids so no re-tokenization can shift them;
@@ -15,6 +16,7 @@ import argparse
 import random
 import tempfile
 import time
+from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,13 +25,22 @@ from splitserve.bench.launch import ServeProcess
 from splitserve.bench.report import machine, median, print_table, write_json
 
 
+ENGINES = ("splitserve", "vllm")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", default=ENGINES[0], choices=ENGINES,
+                   help="splitserve: `splitserve serve` aggregated vs 1 prefill + 1 decode; vllm: "
+                        "one `vllm serve` vs two with SplitserveConnector behind `splitserve "
+                        "vllm-proxy` (default: %(default)s)")
     p.add_argument("--lengths", default="1k,8k,32k", help="prompt lengths, e.g. 1k,8k,32k,128k")
-    p.add_argument("--model", help="checkpoint directory (default: a tiny random Llama with 131k positions)")
+    p.add_argument("--model", help="checkpoint directory (default: a tiny random Llama with 131k "
+                                    "positions, head_dim 32: the smallest vLLM CPU serves)")
     p.add_argument("--repeats", type=int, default=3, help="requests per length; medians reported")
     p.add_argument("--kv-transport", default="tcp", choices=("tcp", "shm", "auto"))
     p.add_argument("--serve-arg", action="append", default=[],
-                   help="extra flag for both serve runs (repeatable), e.g. --serve-arg=--max-num-batched-tokens=8192")
+                   help="extra flag for every server run, splitserve serve or vllm serve (repeatable), "
+                        "e.g. --serve-arg=--max-num-batched-tokens=8192")
     p.add_argument("--json", help="write results to this path")
 
 
@@ -40,38 +51,59 @@ def _parse_length(text: str) -> int:
 
 def run(args) -> int:
     lengths = [_parse_length(x) for x in args.lengths.split(",")]
+    ceiling = None
     with tempfile.TemporaryDirectory() as d:
         model = args.model
         if model is None:
             from splitserve.model.tiny import make_tiny_llama
 
-            model = str(make_tiny_llama(d, max_position_embeddings=131072))
+            model = str(make_tiny_llama(Path(d) / "model", max_position_embeddings=131072,
+                                        hidden_size=128, head_dim=32))
         prompts = _exact_prompts(model, lengths, args.repeats)
-        common = ["--model", model, "--max-model-len", str(max(lengths) + 16), *args.serve_arg]
-        with ServeProcess("--aggregated", *common) as agg:
-            agg_ttft = {n: _ttft(agg.base_url, prompts[n]) for n in lengths}
-        with ServeProcess("--kv-transport", args.kv_transport, *common) as dis:
-            decode = dis.worker_urls("decode")[0]
-            rows, results = [], []
-            for n in lengths:
-                before = _metrics(decode)
-                ttft = _ttft(dis.base_url, prompts[n])
-                after = _metrics(decode)
-                ok = after["ok"] - before["ok"]
-                fallbacks = after["fallbacks"] - before["fallbacks"]
-                nbytes = after["bytes"] - before["bytes"]
-                secs = after["seconds"] - before["seconds"]
-                gbps = nbytes / secs / 1e9 if secs else 0.0
-                kv = "transferred" if ok == args.repeats and not fallbacks else f"{fallbacks} fallback(s)"
-                rows.append([n, agg_ttft[n], ttft, ttft / agg_ttft[n], gbps, kv])
-                results.append({"tokens": n, "ttft_aggregated_s": agg_ttft[n], "ttft_disaggregated_s": ttft,
-                                "ratio": ttft / agg_ttft[n], "transfer_gb_s": gbps, "kv": kv,
-                                "kv_bytes_per_request": nbytes / max(ok + fallbacks, 1)})
+        if args.engine == "vllm":
+            from splitserve.bench.longctx_vllm import measure
+
+            agg_ttft, dis_ttft, deltas, ceiling = measure(args, model, lengths, prompts, Path(d))
+        else:
+            agg_ttft, dis_ttft, deltas = _measure(args, model, lengths, prompts)
+    rows, results = [], []
+    for n in lengths:
+        delta = deltas[n]
+        ok, fallbacks = delta["ok"], delta["fallbacks"]
+        gbps = delta["bytes"] / delta["seconds"] / 1e9 if delta["seconds"] else 0.0
+        kv = "transferred" if ok == args.repeats and not fallbacks else f"{fallbacks:.0f} fallback(s)"
+        ratio = dis_ttft[n] / agg_ttft[n]
+        rows.append([n, agg_ttft[n], dis_ttft[n], ratio, gbps, kv])
+        results.append({"tokens": n, "ttft_aggregated_s": agg_ttft[n],
+                        "ttft_disaggregated_s": dis_ttft[n], "ratio": ratio,
+                        "transfer_gb_s": gbps, "kv": kv,
+                        "kv_bytes_per_request": delta["bytes"] / max(ok + fallbacks, 1)})
     print(f"machine: {machine()}")
     print_table(["prompt tokens", "TTFT agg s", "TTFT disagg s", "disagg/agg", "KV GB/s over fetch (incl. compute wait)", "KV"], rows,
-                title=f"\nlongctx: medians of {args.repeats} (transport {args.kv_transport})")
-    write_json(args.json, {"machine": machine(), "transport": args.kv_transport, "results": results})
+                title=f"\nlongctx ({args.engine}): medians of {args.repeats} (transport {args.kv_transport})")
+    if ceiling:
+        print(f"ceiling, same run (bench transfer, {max(lengths)} tokens of this model's KV): "
+              f"loopback socket {ceiling['socket']:.2f} GB/s, our protocol alone over tcp "
+              f"{ceiling['tcp']:.2f} GB/s")
+    write_json(args.json, {"machine": machine(), "engine": args.engine, "transport": args.kv_transport,
+                           "ceiling_gb_s": ceiling, "results": results})
     return 0
+
+
+def _measure(args, model: str, lengths: list[int], prompts: dict[int, list[list[int]]]):
+    """Our engine: (aggregated TTFT, disaggregated TTFT, decode worker's KV counter deltas)."""
+    common = ["--model", model, "--max-model-len", str(max(lengths) + 16), *args.serve_arg]
+    with ServeProcess("--aggregated", *common) as agg:
+        agg_ttft = {n: ttft(agg.base_url, prompts[n]) for n in lengths}
+    dis_ttft, deltas = {}, {}
+    with ServeProcess("--kv-transport", args.kv_transport, *common) as dis:
+        decode = dis.worker_urls("decode")[0]
+        for n in lengths:
+            before = kv_counters(decode)
+            dis_ttft[n] = ttft(dis.base_url, prompts[n])
+            after = kv_counters(decode)
+            deltas[n] = {k: after[k] - before[k] for k in after}
+    return agg_ttft, dis_ttft, deltas
 
 
 def _exact_prompts(model: str, lengths: list[int], repeats: int) -> dict[int, list[list[int]]]:
@@ -96,7 +128,7 @@ def _exact_prompts(model: str, lengths: list[int], repeats: int) -> dict[int, li
     return prompts
 
 
-def _ttft(base_url: str, prompts: list[list[int]]) -> float:
+def ttft(base_url: str, prompts: list[list[int]]) -> float:
     times = []
     with httpx.Client(timeout=None) as client:
         model = client.get(f"{base_url}/v1/models").json()["data"][0]["id"]
@@ -113,7 +145,7 @@ def _ttft(base_url: str, prompts: list[list[int]]) -> float:
     return median(times)
 
 
-def _metrics(worker_url: str) -> dict[str, float]:
+def kv_counters(worker_url: str) -> dict[str, float]:
     out = {"ok": 0.0, "fallbacks": 0.0, "bytes": 0.0, "seconds": 0.0}
     text = httpx.get(f"{worker_url}/metrics", timeout=10).text
     for family in text_string_to_metric_families(text):
