@@ -11,7 +11,7 @@ gone before any response streams (a streaming response reads the same channel).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -60,13 +60,24 @@ class ClosingStreamingResponse(StreamingResponse):
     and its `finally` (abort the request, free its KV blocks, close the upstream stream)
     waits for the garbage collector, which the traceback's reference cycles delay for
     seconds or more: meanwhile the engine generates for nobody. Shielded, because anyio
-    cancellation recurs at every await inside the cancelled scope."""
+    cancellation recurs at every await inside the cancelled scope.
+
+    on_close() runs last, always: a generator the caller left before its first item
+    never ran, so no `finally` of its own can clean up after it."""
+
+    def __init__(self, content, *args, on_close: Callable[[], None] | None = None, **kwargs):
+        super().__init__(content, *args, **kwargs)
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            close = getattr(self.body_iterator, "aclose", None)
-            if close is not None:
-                with anyio.CancelScope(shield=True):
-                    await close()
+            try:
+                close = getattr(self.body_iterator, "aclose", None)
+                if close is not None:
+                    with anyio.CancelScope(shield=True):
+                        await close()
+            finally:
+                if self._on_close is not None:
+                    self._on_close()

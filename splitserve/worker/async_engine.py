@@ -147,6 +147,8 @@ class AsyncEngine(WorkerEngine):
         self._send(_Release(request_id))
 
     def abort(self, request_id: str) -> None:
+        # Its stream too: an output stream never iterated has no finally to drop it.
+        self._streams.pop(request_id, None)
         self._send(_Abort(request_id))
 
     async def _open_stream(self, request_id: str,
