@@ -167,8 +167,9 @@ def test_cpu_cores_bound_as_the_worker_was_given_them():
 
 # --- flags refused before anything loads -------------------------------------------------
 @pytest.mark.parametrize("argv, message", [
-    (["worker", "--engine", "vllm", "--role", "prefill"], "serves the aggregated role only"),
-    (["serve", "--engine", "vllm"], "serves the aggregated role only"),
+    (["worker", "--engine", "vllm", "--role", "decode"], "needs --discovery"),
+    (["worker", "--engine", "vllm", "--role", "prefill", "--vllm-arg",
+      'kv_transfer_config={"kv_role": "kv_both"}'], "configures its KV connector"),
     (["worker", "--enforce-eager"], "add --engine vllm"),
     (["worker", "--engine", "vllm", "--device", "cuda:1"], "CUDA_VISIBLE_DEVICES"),
     (["worker", "--engine", "vllm", "--vllm-arg", "model=x"], "use --model"),

@@ -7,13 +7,11 @@ from __future__ import annotations
 import argparse
 
 from splitserve.config import ConfigError, EngineConfig
+from splitserve.worker.config import WorkerConfig
+from splitserve.worker.vllm_kv_transfer import ConnectorSettings, pick_kv_ports
 from splitserve.worker.vllm_options import ENGINES, VllmOptions, parse_vllm_arg
 
 _DEFAULTS = VllmOptions()
-ROLE_ERROR = ("--engine vllm serves the aggregated role only (worker --role both, serve "
-              "--aggregated): vLLM prefill and decode workers are not wired to the vLLM KV "
-              "connector yet. To disaggregate vLLM today, run two `vllm serve` with "
-              "SplitserveConnector behind `splitserve vllm-proxy` (see its --help)")
 
 
 def add_vllm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +40,6 @@ def vllm_options_from_args(parser: argparse.ArgumentParser, args: argparse.Names
             parser.error("--tensor-parallel-size, --gpu-memory-utilization, --enforce-eager "
                          "and --vllm-arg are vLLM's: add --engine vllm")
         return None
-    if role != "both":
-        parser.error(ROLE_ERROR)
     if args.device != EngineConfig.device:
         parser.error("--device is our engine's: vLLM runs on the device its build is for (choose "
                      "GPUs with CUDA_VISIBLE_DEVICES)")
@@ -55,8 +51,30 @@ def vllm_options_from_args(parser: argparse.ArgumentParser, args: argparse.Names
             extra_args=tuple(parse_vllm_arg(a) for a in args.vllm_arg))
     except ConfigError as e:
         parser.error(str(e))
+    if role != "both" and any(key == "kv_transfer_config" for key, _ in options.extra_args):
+        parser.error("--vllm-arg kv_transfer_config: a prefill or decode vLLM worker configures "
+                     "its KV connector (SplitserveConnector) itself, from the --kv-* flags")
     _check_engine_args(parser, options)
     return options
+
+
+def connector_from_args(parser: argparse.ArgumentParser, config: WorkerConfig,
+                        options: VllmOptions | None,
+                        has_discovery: bool) -> ConnectorSettings | None:
+    """A vLLM prefill or decode worker's KV connector settings (None otherwise). A prefill
+    worker's KV port is chosen now (--kv-port 0: free ports, one per TP rank)."""
+    if options is None or config.role == "both":
+        return None
+    if config.role == "decode" and not has_discovery:
+        parser.error("--engine vllm --role decode needs --discovery: it finds each prefill "
+                     "worker's API (to hand it the prompt) and KV address there")
+    try:
+        port = (pick_kv_ports(config.host, options.tensor_parallel_size, config.kv_port)
+                if config.role == "prefill" else None)
+        return ConnectorSettings(role=config.role, kv_fallback=config.kv_fallback,
+                                 kv_host=config.host, kv_port=port, transfer=config.transfer)
+    except (ConfigError, OSError) as e:
+        parser.error(str(e))
 
 
 def _check_engine_args(parser: argparse.ArgumentParser, options: VllmOptions) -> None:

@@ -17,7 +17,7 @@ from splitserve.cli.engine_args import engine_config_from_args, worker_config_fr
 from splitserve.cli.http_server import HttpServer
 from splitserve.cli.logs import configure_logging
 from splitserve.cli.supervisor import RESTARTS_ENV
-from splitserve.cli.vllm_args import vllm_options_from_args
+from splitserve.cli.vllm_args import connector_from_args, vllm_options_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not restarts.isdigit():
         parser.error(f"${RESTARTS_ENV} must be a non-negative integer, got {restarts!r}")
     vllm_options = vllm_options_from_args(parser, args, worker_config.role)
+    connector = connector_from_args(parser, worker_config, vllm_options, discovery is not None)
     # The role in every line: in `serve`'s combined output prefill and decode lines differ.
     configure_logging(f"worker {worker_config.role}", args.log_level)
     # Heavy imports (torch, the model code) after argument errors had their chance.
@@ -61,7 +62,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     publisher = KVEventPublisher(worker_id)
     if vllm_options is not None:
         from splitserve.worker.vllm_engine import VllmEngine
-        engine = VllmEngine(config, vllm_options, on_fatal, on_kv_events=publisher.publish)
+        engine = VllmEngine(config, vllm_options, on_fatal, on_kv_events=publisher.publish,
+                            connector=connector)
     else:
         engine = AsyncEngine(lambda: LLMEngine(config, kv_allocator=kv_allocator), on_fatal,
                              on_kv_events=publisher.publish)

@@ -2,7 +2,9 @@
 
 POST /generate streams NDJSON GenerateChunk lines; a client that disconnects ends the
 stream, which aborts the request in the engine and frees its KV blocks. A request naming
-a prefill worker first gets its prompt's KV from there (RemotePrefill). GET /kv_events
+a prefill worker first gets its prompt's KV from there (RemotePrefill; on vLLM workers
+through vLLM's KV connector, and a vLLM prefill worker serves POST /prefill for that:
+vllm_disagg.py). GET /kv_events
 streams the prefix cache's changes to routers (kv_events.py). /live answers as soon as
 the process serves HTTP; /health, /info, /generate and /kv_events answer 503 until the
 model has loaded and, on a prefill worker, the KV port listens. With a registration the
@@ -40,6 +42,8 @@ from splitserve.worker.prefill_rate import PrefillRateMeter
 from splitserve.worker.registration import WorkerRegistration
 from splitserve.worker.remote_prefill import RemotePrefill, TransferFailed
 from splitserve.worker.tokenizer_files import TokenizerFiles
+from splitserve.worker.vllm_disagg import (ConnectorEngine, ConnectorKVPort,
+                                           ConnectorRemotePrefill, add_prefill_route)
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +72,20 @@ def create_app(engine: WorkerEngine, config: WorkerConfig, worker_id: str,
     transfer_stats.on_incident = incidents.record
     metrics = WorkerMetrics(engine.stats, transfer_stats)
     registry = metrics.registry
-    kv_port = KVPort(engine, config, transfer_stats) if role == "prefill" else None
     tokenizer_files = TokenizerFiles(engine)
     peers = PrefillPeers(registration.discovery if registration is not None else None,
                          config.kv_peers)
-    remote = RemotePrefill(engine, config, transfer_stats, metrics.kv_transfer_seconds.observe,
-                           peers)
+    if isinstance(engine, ConnectorEngine):
+        # vLLM: KV moves through its KV connector, inside vLLM (vllm_disagg.py).
+        engine.transfer_stats = transfer_stats
+        kv_port = (ConnectorKVPort(engine, config, engine.connector.kv_port)
+                   if role == "prefill" else None)
+        remote = ConnectorRemotePrefill(engine, config, transfer_stats,
+                                        metrics.kv_transfer_seconds.observe, peers)
+    else:
+        kv_port = KVPort(engine, config, transfer_stats) if role == "prefill" else None
+        remote = RemotePrefill(engine, config, transfer_stats,
+                               metrics.kv_transfer_seconds.observe, peers)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -140,6 +152,8 @@ def create_app(engine: WorkerEngine, config: WorkerConfig, worker_id: str,
                        on_refused=metrics.api_unauthorized.inc)
     app.state.begin_shutdown = begin_shutdown
     add_doctor_routes(app, worker_id, config, incidents, engine, peers)
+    if isinstance(engine, ConnectorEngine) and role == "prefill":
+        add_prefill_route(app, engine)
 
     @app.get("/live")
     async def live() -> Response:

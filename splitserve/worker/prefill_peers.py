@@ -38,6 +38,16 @@ class PrefillPeers:
         """The (host, port) to fetch `target`'s KV from; raises UnknownPrefillWorker."""
         if self._discovery is None:
             return self._resolve_static(target)
+        record = await self.record(request_id, target)
+        return record.kv_host, record.kv_port
+
+    async def record(self, request_id: str, target: PrefillTarget) -> WorkerRecord:
+        """The target's discovery record (its KV address as discovery holds it, its API
+        URL); raises UnknownPrefillWorker. A static --kv-peers list has no record."""
+        if self._discovery is None:
+            raise UnknownPrefillWorker(
+                f"prefill worker {target.worker_id!r}: this decode worker has no --discovery "
+                f"to find its record in")
         record = await self._lookup(target.worker_id, target, fresh=False)
         if record is None or (record.kv_host, record.kv_port) != (target.kv_host, target.kv_port):
             # Unknown or moved (restarted on another port): ask discovery itself.
@@ -52,7 +62,7 @@ class PrefillPeers:
                         "said %s:%d); using discovery's address", request_id,
                         target.worker_id, record.kv_host, record.kv_port, target.kv_host,
                         target.kv_port)
-        return record.kv_host, record.kv_port
+        return record
 
     async def _lookup(self, worker_id: str, target: PrefillTarget,
                       fresh: bool) -> WorkerRecord | None:

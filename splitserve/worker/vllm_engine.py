@@ -14,8 +14,11 @@ What the worker gets from it:
 - KV events: vLLM publishes its prefix cache's changes (vllm_kv_listener.py), which are
   re-hashed into the block hashes our router computes (vllm_kv_translate.py).
 
-A disaggregated vLLM deployment moves KV inside vLLM, through its KV connector, not
-through this seam: reserve/commit and held prefills are refused here.
+A prefill or decode worker (connector set) runs vLLM with SplitserveConnector
+(vllm_kv_transfer.py): KV moves inside vLLM, between its worker processes, not through
+this seam (reserve/commit and held prefills are refused here); requests name their
+transfer through kv_transfer_params (add(), vllm_disagg.py), and the connector's transfer
+counters reach the worker's TransferStats through vLLM's stats (vllm_stats.py).
 """
 
 from __future__ import annotations
@@ -32,10 +35,14 @@ from typing import Any, TypeVar
 from splitserve.config import EngineConfig
 from splitserve.engine.types import EngineStats, RequestOutput, SamplingParams, TokenLogprobs
 from splitserve.kvtypes.events import AllCleared, KVEvent
+from splitserve.transfer.config import TransferStats
+from splitserve.worker.config import SECRET_ENV
 from splitserve.worker.engine_api import (
     CapacityError, EngineDeadError, EngineInfo, EngineState, HeldSink, KVMemory, RequestError,
     RequestFailed, WorkerEngine)
+from splitserve.worker.vllm_disagg import ConnectorEngine
 from splitserve.worker.vllm_kv_listener import VllmKVEventListener
+from splitserve.worker.vllm_kv_transfer import ConnectorSettings, add_connector_stats
 from splitserve.worker.vllm_kv_translate import VllmKVTranslator
 from splitserve.worker.vllm_model import eos_token_ids, local_dir, model_argument, model_name
 from splitserve.worker.vllm_options import VllmOptions, cpu_thread_env, engine_kwargs, fit_platform
@@ -46,17 +53,23 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _HEALTH_POLL_S = 1.0
-_NO_KV_SEAM = ("vLLM workers move KV through vLLM's KV connector, not the worker's transfer: "
-               "this worker serves the aggregated role only")
+_NO_KV_SEAM = ("vLLM workers move KV through vLLM's KV connector (SplitserveConnector), not "
+               "through the worker's reserve/commit seam")
 
 
-class VllmEngine(WorkerEngine):
+class VllmEngine(WorkerEngine, ConnectorEngine):
     def __init__(self, config: EngineConfig, options: VllmOptions,
                  on_fatal: Callable[[str], None],
-                 on_kv_events: Callable[[list[KVEvent]], None] | None = None):
+                 on_kv_events: Callable[[list[KVEvent]], None] | None = None,
+                 connector: ConnectorSettings | None = None):
+        """connector: a prefill or decode worker's KV connector (None: aggregated)."""
         super().__init__(on_fatal, on_kv_events)
         self._config = config
         self._options = options
+        self.connector = connector
+        # Where the connector's counters go (the worker's /metrics): set by the worker
+        # before start(); touched on the event loop only (vLLM's stat loggers run there).
+        self.transfer_stats: TransferStats | None = None
         self._llm: Any = None               # vllm AsyncLLM, once built
         self._info: EngineInfo | None = None
         self._stats: EngineStats | None = None
@@ -98,8 +111,9 @@ class VllmEngine(WorkerEngine):
         return dataclasses.replace(self._stats, num_pending_prefill_tokens=sum(self._live.values()))
 
     # --- requests -------------------------------------------------------------------------
-    async def add(self, request_id: str, prompt_token_ids: list[int],
-                  params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                  kv_transfer_params: dict[str, Any] | None = None) -> AsyncIterator[RequestOutput]:
+        """kv_transfer_params: the connector's per-request instructions (vllm_disagg.py)."""
         llm = self._ready()
         if request_id in self._live:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
@@ -107,9 +121,17 @@ class VllmEngine(WorkerEngine):
         from vllm.inputs.engine import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
+        sampling = to_vllm(request_id, params)
+        if kv_transfer_params is not None:
+            if self.connector is None:
+                raise RequestError("this vLLM worker has no KV connector (it is aggregated)",
+                                   "prefill")
+            # Where vLLM's OpenAI server puts them too (vllm.v1.request.Request reads them).
+            sampling.extra_args = {**(sampling.extra_args or {}),
+                                   "kv_transfer_params": dict(kv_transfer_params)}
         try:
             collector = await llm.add_request(request_id, tokens_input(list(prompt_token_ids)),
-                                              to_vllm(request_id, params))
+                                              sampling)
         except (VLLMClientError, ValueError) as e:
             raise RequestError(str(e), getattr(e, "parameter", None) or "prompt") from e
         except GracefulHTTPError as e:
@@ -146,6 +168,8 @@ class VllmEngine(WorkerEngine):
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        # A stream never iterated has no finally to do it: its prompt is no longer pending.
+        self._live.pop(request_id, None)
         if self._llm is not None and not self._stopping:
             self._spawn(self._llm.abort(request_id))
 
@@ -217,8 +241,15 @@ class VllmEngine(WorkerEngine):
                                 replay_endpoint=self._listener.replay_endpoint)
         kwargs = fit_platform(engine_kwargs(self._config, self._options, model),
                               current_platform.is_cpu())
+        if self.connector is not None:
+            from vllm.config import KVTransferConfig
+            kwargs["kv_transfer_config"] = KVTransferConfig(**self.connector.kv_transfer_config())
+            if self.connector.transfer.secret is not None:
+                # vLLM's processes inherit it; its logged config never holds it.
+                os.environ[SECRET_ENV] = self.connector.transfer.secret
         args = AsyncEngineArgs(**kwargs, kv_events_config=events, disable_log_stats=True)
-        collector = functools.partial(VllmStatsCollector, on_stats=self._on_stats)
+        collector = functools.partial(VllmStatsCollector, on_stats=self._on_stats,
+                                      on_transfers=self._on_transfers)
         llm = AsyncLLM.from_engine_args(args, stat_loggers=[collector])
         try:
             block_size = llm.vllm_config.cache_config.block_size
@@ -236,6 +267,10 @@ class VllmEngine(WorkerEngine):
 
     def _on_stats(self, stats: EngineStats) -> None:
         self._stats = stats
+
+    def _on_transfers(self, data: dict[str, Any]) -> None:
+        if self.transfer_stats is not None:
+            add_connector_stats(self.transfer_stats, data)
 
     async def _watch(self, llm: Any) -> None:
         """vLLM's engine processes can die between requests too: notice it then."""

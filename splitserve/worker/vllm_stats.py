@@ -10,6 +10,7 @@ per-step figures.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -18,12 +19,15 @@ from splitserve.engine.types import EngineStats
 
 class VllmStatsCollector(StatLoggerBase):
     """A per-engine stat logger: AsyncLLM builds it with (vllm_config, engine_index); bind
-    on_stats first (functools.partial). on_stats(EngineStats) runs on the event loop."""
+    on_stats first (functools.partial). on_stats(EngineStats) runs on the event loop, as
+    does on_transfers(data): a KV connector's counters changed (its stats' data dict)."""
 
     def __init__(self, vllm_config, engine_index: int = 0, *,
-                 on_stats: Callable[[EngineStats], None]):
+                 on_stats: Callable[[EngineStats], None],
+                 on_transfers: Callable[[dict[str, Any]], None] | None = None):
         self._cache_config = vllm_config.cache_config
         self._on_stats = on_stats
+        self._on_transfers = on_transfers
         self._queries = self._hits = self._preemptions = self._computed = 0
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
@@ -32,6 +36,8 @@ class VllmStatsCollector(StatLoggerBase):
             self._computed += iteration_stats.prompt_token_stats.computed
         if scheduler_stats is None:
             return
+        if scheduler_stats.kv_connector_stats and self._on_transfers is not None:
+            self._on_transfers(scheduler_stats.kv_connector_stats)
         prefix = scheduler_stats.prefix_cache_stats
         self._queries += prefix.queries
         self._hits += prefix.hits

@@ -1,0 +1,104 @@
+"""How a vLLM prefill or decode worker configures SplitserveConnector inside its AsyncLLM.
+
+The worker's own flags say everything the connector needs: the role (prefill: vLLM's
+kv_producer, whose KV server listens on --kv-port, TP rank r on kv_port + r; decode:
+kv_consumer), the transfer settings (--kv-stall-timeout, --kv-lease, --kv-transport, ...)
+and --kv-fallback, which is vLLM's kv_load_failure_policy under another name (local ->
+recompute: only the blocks that did not arrive verified are computed; fail -> the request
+ends with an error). The secret never goes into the config (vLLM logs its config): the
+connector reads it from $SPLITSERVE_KV_SECRET, which the engine sets for its processes.
+Nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from splitserve.config import ConfigError
+from splitserve.transfer.config import TransferConfig, TransferStats
+
+# vLLM's kv_load_failure_policy for each --kv-fallback.
+FAILURE_POLICY = {"local": "recompute", "fail": "fail"}
+_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
+# The connector's plain counters, by their TransferStats names (blocks_pinned: a gauge,
+# reported as changes too).
+_SCALARS = ("bytes_received", "bytes_sent", "resumes", "checksum_failures", "lease_expired",
+            "prefills_cancelled", "auth_failures", "blocks_pinned", "seconds_sum")
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """role: prefill or decode. kv_host: where a prefill worker's KV server binds (the
+    worker's --host); kv_port: its first port (TP rank r on kv_port + r), chosen before
+    vLLM starts (pick_kv_ports) since vLLM's processes bind it. Unused by a decode worker."""
+
+    role: str
+    kv_fallback: str = "local"
+    kv_host: str = "127.0.0.1"
+    kv_port: int | None = None
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+
+    def __post_init__(self) -> None:
+        if self.role not in _KV_ROLE:
+            raise ConfigError(f"a KV connector role is prefill or decode, got {self.role!r}")
+        if self.kv_fallback not in FAILURE_POLICY:
+            raise ConfigError(f"kv_fallback must be one of {tuple(FAILURE_POLICY)}, got "
+                              f"{self.kv_fallback!r}")
+        if self.role == "prefill" and not (self.kv_port and 0 < self.kv_port < 65536):
+            raise ConfigError(f"a vLLM prefill worker needs a KV port in 1..65535, got "
+                              f"{self.kv_port!r}")
+
+    def kv_transfer_config(self) -> dict[str, Any]:
+        """vLLM's KVTransferConfig fields for this worker."""
+        extra = {k: v for k, v in dataclasses.asdict(self.transfer).items() if k != "secret"}
+        if self.role == "prefill":
+            extra.update(kv_port=self.kv_port, kv_host=self.kv_host)
+        return {"kv_connector": "SplitserveConnector",
+                "kv_connector_module_path": "splitserve.vllm_connector",
+                "kv_role": _KV_ROLE[self.role],
+                "kv_load_failure_policy": FAILURE_POLICY[self.kv_fallback],
+                "kv_connector_extra_config": extra}
+
+
+def pick_kv_ports(host: str, count: int, first: int = 0) -> int:
+    """The first of `count` consecutive ports free on host (first if given: it is the
+    user's --kv-port, used as is). vLLM's worker processes bind them later, so another
+    process could take one meanwhile: the KV server then fails to start and the worker
+    exits, which a supervisor (serve) answers by restarting it on new ports."""
+    if first:
+        return first
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            base = s.getsockname()[1]
+        if base + count <= 65536 and all(_free(host, base + i) for i in range(1, count)):
+            return base
+    raise ConfigError(f"found no {count} consecutive free ports on {host} for the KV server")
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def add_connector_stats(stats: TransferStats, data: dict[str, Any]) -> None:
+    """Adds one report of the connector's counters (what changed since its last report,
+    summed over TP ranks: vllm_connector/stats.py SplitserveKVStats.data) to the worker's
+    TransferStats, so its /metrics count the transfers vLLM's processes made.
+    NOTE: the labelled counters are updated without TransferStats' lock: this runs on the
+    event loop, which is the only thread that reads or writes a vLLM worker's
+    TransferStats (vLLM's stat loggers and the /metrics handler both run there)."""
+    for outcome, n in data.get("transfers", {}).items():
+        stats.transfers[outcome] += n
+    for reason, n in data.get("fallbacks", {}).items():
+        stats.fallbacks[reason] += n
+    for name in _SCALARS:
+        if data.get(name):
+            stats.add(name, data[name])
