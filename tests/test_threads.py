@@ -1,4 +1,5 @@
-"""Engines on one machine share its cores: serve divides them, a worker takes --threads."""
+"""Engines on one machine share its cores: serve's workers spin briefly before sleeping,
+a worker takes --threads."""
 
 from __future__ import annotations
 
@@ -13,15 +14,13 @@ from splitserve.engine.llm_engine import LLMEngine
 from splitserve.model.tiny import make_tiny_llama
 
 
-@pytest.mark.parametrize("cores,workers,expected", [(2, 2, 1), (2, 1, 2), (16, 3, 5), (2, 5, 1)])
-def test_serve_divides_the_cores_among_its_workers(monkeypatch, cores, workers, expected):
-    monkeypatch.setattr(serve_cmd.os, "sched_getaffinity", lambda _pid: set(range(cores)))
-    assert serve_cmd._split_cores(EngineConfig(), workers).threads == expected
-
-
-def test_an_explicit_thread_count_is_kept(monkeypatch):
+def test_serve_workers_share_the_cores_and_spin_briefly(monkeypatch):
     monkeypatch.setattr(serve_cmd.os, "sched_getaffinity", lambda _pid: {0, 1})
-    assert serve_cmd._split_cores(EngineConfig(threads=3), 2).threads == 3
+    assert serve_cmd._share_cores(2, {}) == {"GOMP_SPINCOUNT": serve_cmd.SHARED_CORES_SPIN}
+    # One worker has the cores to itself; OpenMP settings the user gave are kept.
+    assert serve_cmd._share_cores(1, {}) == {}
+    assert serve_cmd._share_cores(2, {"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+    assert serve_cmd._share_cores(3, {"GOMP_SPINCOUNT": "0"}) == {}
 
 
 def test_threads_reach_the_worker_command_line():
