@@ -248,7 +248,10 @@ def create_app(engine: WorkerEngine, config: WorkerConfig, worker_id: str,
             return _reply(503, p.WorkerHealth("failed", str(e)))
         logger.info("request_id=%s admitted: %d prompt tokens, max_tokens=%d",
                     req.request_id, len(req.prompt_token_ids), params.max_tokens)
-        return ClosingStreamingResponse(_ndjson(req.request_id, outputs), media_type=NDJSON)
+        # on_close: a caller gone before the first chunk leaves _ndjson unstarted, and
+        # its cleanup with it; the abort is a no-op for a request that finished.
+        return ClosingStreamingResponse(_ndjson(req.request_id, outputs), media_type=NDJSON,
+                                        on_close=lambda: engine.abort(req.request_id))
 
     return app
 
