@@ -61,3 +61,16 @@ def test_kv_ports_are_free_and_consecutive_one_per_tp_rank():
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
     assert pick_kv_ports("127.0.0.1", 2, first=7600) == 7600     # --kv-port as given
+
+
+def test_serves_vllm_workers_each_get_their_own_cores(monkeypatch):
+    from splitserve.worker.vllm_options import cpu_core_slices
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {0, 1, 2, 3})
+    assert cpu_core_slices(2, 1, {}) == [{"VLLM_CPU_OMP_THREADS_BIND": "0,1"},
+                                         {"VLLM_CPU_OMP_THREADS_BIND": "2,3"}]
+    assert cpu_core_slices(2, 2, {}) == [{"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+                                         {"VLLM_CPU_OMP_THREADS_BIND": "2|3"}]
+    # The user's binding wins; too few cores for a slice each: left as vLLM would.
+    assert cpu_core_slices(2, 1, {"VLLM_CPU_OMP_THREADS_BIND": "0-3"}) == [{}, {}]
+    assert cpu_core_slices(5, 1, {}) == [{}] * 5

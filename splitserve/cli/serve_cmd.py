@@ -40,6 +40,7 @@ from splitserve.cli.logs import configure_logging
 from splitserve.cli.supervision_args import restart_policy_from_args
 from splitserve.cli.supervisor import RestartLimitReached, Supervisor
 from splitserve.cli.vllm_args import vllm_argv, vllm_options_from_args
+from splitserve.worker.vllm_options import cpu_core_slices
 from splitserve.config import EngineConfig
 from splitserve.frontend.auth import API_KEY_ENV
 from splitserve.worker.config import SECRET_ENV
@@ -148,10 +149,15 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         discovery = discovery_argv(args.discovery or f"file:{Path(tmp) / 'discovery'}", args)
         logger.info("discovery: %s", " ".join(discovery))
         try:
-            for name, role in roles:
+            # vLLM workers: each its own cores (a CPU build's OpenMP binding).
+            slices = (cpu_core_slices(len(roles), args.tensor_parallel_size)
+                      if args.engine == "vllm" else [{}] * len(roles))
+            for (name, role), cores in zip(roles, slices):
                 port_file = Path(tmp) / f"{name}.port"
                 sup.spawn(name, _worker_argv(role, port_file, args, config, discovery,
-                                             _worker_id(name)), env=worker_env, port_file=port_file)
+                                             _worker_id(name)),
+                          env={**(worker_env or os.environ), **cores} if cores else worker_env,
+                          port_file=port_file)
             # All workers load their models in parallel; wait for each in turn.
             for name, _ in roles:
                 _wait_ready(name, sup, stop, "127.0.0.1")

@@ -120,6 +120,28 @@ def cpu_thread_env(threads: int | None, tensor_parallel_size: int,
             "OMP_NUM_THREADS": str(max(1, wanted // tensor_parallel_size))}
 
 
+def cpu_core_slices(workers: int, tensor_parallel_size: int,
+                    environ: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """Environment for each of `serve`'s vLLM workers on one machine: on a CPU build, each
+    its own cores (TP ranks split them with '|'), so that one worker's spinning OpenMP
+    threads, or a decode engine stepping while it waits for its KV, never take the cores
+    another computes on (both on every core, a prefill of a few tokens took seconds on 2
+    cores). Nothing when the user set VLLM_CPU_OMP_THREADS_BIND, for one worker, or with
+    too few cores for a slice each. GPU builds ignore it."""
+    environ = os.environ if environ is None else environ
+    cores = sorted(os.sched_getaffinity(0))
+    per_rank = len(cores) // (workers * tensor_parallel_size)
+    if workers < 2 or "VLLM_CPU_OMP_THREADS_BIND" in environ or per_rank < 1:
+        return [{} for _ in range(workers)]
+    slices = []
+    for w in range(workers):
+        ranks = [cores[(w * tensor_parallel_size + r) * per_rank:
+                       (w * tensor_parallel_size + r + 1) * per_rank]
+                 for r in range(tensor_parallel_size)]
+        slices.append({"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in ranks)})
+    return slices
+
+
 # vLLM's CPU build sizes its KV cache, by default, as a share (0.92) of the machine's
 # memory, and refuses to start when other processes hold more than the rest. A worker
 # without --kv-cache-memory gets our engine's default cap instead.
