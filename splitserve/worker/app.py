@@ -80,8 +80,7 @@ def create_app(engine: WorkerEngine, config: WorkerConfig, worker_id: str,
         engine.transfer_stats = transfer_stats
         kv_port = (ConnectorKVPort(engine, config, engine.connector.kv_port)
                    if role == "prefill" else None)
-        remote = ConnectorRemotePrefill(engine, config, transfer_stats,
-                                        metrics.kv_transfer_seconds.observe, peers)
+        remote = ConnectorRemotePrefill(engine, config, peers)
     else:
         kv_port = KVPort(engine, config, transfer_stats) if role == "prefill" else None
         remote = RemotePrefill(engine, config, transfer_stats,

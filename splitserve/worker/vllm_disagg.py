@@ -163,10 +163,10 @@ class ConnectorTransferFailed(TransferFailed):
 
 
 class ConnectorRemotePrefill:
-    """The decode side (remote_prefill.RemotePrefill's interface) for a vLLM decode worker."""
+    """The decode side (remote_prefill.RemotePrefill's run and close) for a vLLM decode
+    worker. Its transfers are counted by the connector, in vLLM's processes."""
 
-    def __init__(self, engine: ConnectorEngine, config: WorkerConfig, stats: TransferStats,
-                 observe_seconds, peers: PrefillPeers):
+    def __init__(self, engine: ConnectorEngine, config: WorkerConfig, peers: PrefillPeers):
         self.engine = engine
         self.config = config
         self.peers = peers
