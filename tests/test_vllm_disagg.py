@@ -1,0 +1,149 @@
+"""`splitserve serve --engine vllm`: one vLLM prefill worker and one vLLM decode worker
+behind splitserve's frontend and kv router, the prompt's KV moving through
+SplitserveConnector inside vLLM. The official OpenAI client sees what it sees with our
+own engine; the KV is counted as transferred with no fallback; greedy output equals
+transformers' (which equals aggregated vLLM's: test_vllm_worker_e2e) token for token;
+every KV block is free again on both workers after each test. Last: the prefill worker
+killed mid-transfer, and the request still answered by the decode worker's counted
+recompute.
+
+vLLM takes a minute or more to start on a loaded 2-core machine: one serve per module."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import openai
+import pytest
+
+from golden import hf_greedy
+from live_server import pid_alive
+from procs import metric_value
+from vllm_pd import (MODEL, STORY, descendants, generate, kill_tree, prefill_target,
+                     start_vllm_pd, wait_all_free, wait_for, worker_pid)
+
+pytest.importorskip("vllm")
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = start_vllm_pd(tmp_path_factory.mktemp("serve-vllm-pd"))
+    processes = descendants(srv.process.pid)
+    yield srv
+    try:
+        wait_all_free(srv.worker_url)
+    finally:
+        assert srv.stop(timeout=120) == 0, srv.log()[-3000:]
+        wait_for(lambda: not [p for p in processes if pid_alive(p)],
+                 "serve's workers and vLLM's processes to exit", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0,
+                       timeout=600) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def _kv(server, name: str, role: str = "decode", **labels) -> float:
+    (url,) = server.workers[role]
+    return metric_value(f"{url}/metrics", name, **labels)
+
+
+def _all_free(server) -> None:
+    wait_all_free(*server.workers["prefill"], *server.workers["decode"])
+
+
+def test_serve_runs_a_vllm_prefill_and_a_vllm_decode_worker(server):
+    roles = {w["role"]: w for w in server.cluster()["workers"]}
+    assert set(roles) == {"prefill", "decode"}
+    assert all(w["state"] == "ready" for w in roles.values())
+    target = prefill_target(server)
+    assert roles["prefill"]["kv_address"] == f"{target['kv_host']}:{target['kv_port']}"
+    assert "engine ready: engine=vllm" in server.log()
+
+
+def test_openai_chat_and_completions_with_the_kv_transferred(server, client):
+    ok0 = _kv(server, "splitserve_kv_transfers_total", outcome="ok")
+    received0 = _kv(server, "splitserve_kv_transfer_bytes_total", direction="received")
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12,
+                                           temperature=0)
+    text = whole.choices[0].message.content
+    assert text and whole.usage.prompt_tokens > 5
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=12, temperature=0, stream=True) if c.choices)
+    assert streamed == text
+    prompt = "Once upon a time, " + STORY
+    completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
+                                           temperature=0)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=8, temperature=0, stream=True))
+    assert completion.choices[0].text == streamed and completion.choices[0].finish_reason == "length"
+    # Each request's KV came from the prefill worker, counted on both sides, none recomputed.
+    wait_for(lambda: _kv(server, "splitserve_kv_transfers_total", outcome="ok") >= ok0 + 4,
+             "the decode worker to count 4 transfers")
+    assert _kv(server, "splitserve_kv_transfers_total", outcome="ok") == ok0 + 4
+    assert _kv(server, "splitserve_kv_transfer_bytes_total", direction="received") > received0
+    assert _kv(server, "splitserve_kv_transfer_bytes_total", "prefill", direction="sent") > 0
+    assert _kv(server, "splitserve_kv_transfer_fallbacks_total") == 0
+    _all_free(server)
+
+
+def test_greedy_output_equals_transformers_token_for_token(server, smollm2_dir, tokenizer):
+    target = prefill_target(server)
+    prompts = ["The capital of France is", "def fibonacci(n):",
+               "Write one sentence about the sea. " + STORY * 3]
+    for i, text in enumerate(prompts):
+        prompt = tokenizer(text)["input_ids"]
+        status, tokens, _ = generate(server.worker_url, f"golden-{i}", prompt, target,
+                                     max_tokens=16, temperature=0, ignore_eos=True)
+        assert status == 200 and tokens == hf_greedy(smollm2_dir, prompt, 16), text
+    assert _kv(server, "splitserve_kv_transfer_fallbacks_total") == 0
+    _all_free(server)
+
+
+def test_seeded_sampling_is_the_decode_workers_and_repeats(client, server):
+    def sampled():
+        out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
+                                        temperature=1.0, seed=1234)
+        return out.choices[0].text
+
+    assert sampled() == sampled()
+    _all_free(server)
+
+
+def test_prefill_killed_mid_transfer_is_a_counted_recompute(server, smollm2_dir, tokenizer):
+    """Last in the module: it kills the prefill worker (serve restarts it)."""
+    prompt = tokenizer("A very long night. " + STORY * 40)["input_ids"]      # ~1700 tokens
+    want = hf_greedy(smollm2_dir, prompt, 8)
+    target = prefill_target(server)
+    sent0 = _kv(server, "splitserve_kv_transfer_bytes_total", "prefill", direction="sent")
+    fallbacks0 = _kv(server, "splitserve_kv_transfer_fallbacks_total")
+    result: dict = {}
+    request = threading.Thread(target=lambda: result.update(out=generate(
+        server.worker_url, "kill-p", prompt, target, max_tokens=8, temperature=0,
+        ignore_eos=True)))
+    request.start()
+    # P's first blocks are out (P counts them per step, 32 tokens a step): P dies mid-prefill.
+    wait_for(lambda: _kv(server, "splitserve_kv_transfer_bytes_total", "prefill",
+                         direction="sent") > sent0, "the first blocks to leave the prefill worker",
+             timeout=300)
+    kill_tree(worker_pid(server, "prefill"))
+    request.join(600)
+    status, tokens, _ = result["out"]
+    assert status == 200 and tokens == want
+    assert _kv(server, "splitserve_kv_transfer_fallbacks_total") == fallbacks0 + 1
+    # The decode side's vLLM names the request and what it reused.
+    m = re.findall(r"request_id=kill-p\S* transfer \S+: KV load failed \((\w+)\).*recomputing the "
+                   r"(\d+) blocks that did not arrive, reusing (\d+) verified", server.log())
+    assert m and int(m[-1][1]) > 0, server.log()[-4000:]
+    wait_all_free(server.worker_url)

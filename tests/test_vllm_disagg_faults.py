@@ -1,0 +1,108 @@
+"""The failure table's rows that end a request, with vLLM workers under `serve --engine
+vllm --kv-fallback fail` (vLLM's kv_load_failure_policy fail): a prefill worker whose KV
+does not match the decode worker's (another block size) is refused naming both sides;
+the prefill worker killed mid-transfer is a clear 502 from the frontend, the same answer
+our engine's workers give. Every KV block is free again afterwards.
+
+(The same kill under --kv-fallback local, recomputed and counted: test_vllm_disagg.py.)"""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import openai
+import pytest
+
+from live_server import pid_alive
+from procs import metric_value
+from vllm_pd import (MODEL, SERVE_ARGS, STORY, descendants, generate, kill_tree, start_vllm_pd,
+                     wait_all_free, wait_for, worker_pid)
+from workers import start_worker
+
+pytest.importorskip("vllm")
+
+
+@pytest.fixture(scope="module")
+def discovery(tmp_path_factory):
+    return f"file:{tmp_path_factory.mktemp('discovery')}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, discovery):
+    srv = start_vllm_pd(tmp_path_factory.mktemp("serve-vllm-pd-fail"), "--kv-fallback", "fail",
+                        "--discovery", discovery)
+    processes = descendants(srv.process.pid)
+    yield srv
+    try:
+        wait_all_free(srv.worker_url)
+    finally:
+        assert srv.stop(timeout=120) == 0, srv.log()[-3000:]
+        wait_for(lambda: not [p for p in processes if pid_alive(p)],
+                 "serve's workers and vLLM's processes to exit", timeout=60)
+
+
+def _decode_metric(server, name: str, **labels) -> float:
+    return metric_value(f"{server.worker_url}/metrics", name, **labels)
+
+
+def test_a_prefill_worker_with_another_block_size_is_refused_naming_both(server, discovery,
+                                                                         smollm2_dir, tmp_path):
+    # The engine flags of serve's workers, but blocks of 64 tokens (serve's are 32), and
+    # steps of as many (vLLM's minimum).
+    flags = [a for a in SERVE_ARGS if a != "--served-model-name" and a != MODEL]
+    for flag in ("--block-size", "--max-num-batched-tokens"):
+        flags[flags.index(flag) + 1] = "64"
+    odd = start_worker("prefill", smollm2_dir, tmp_path, *flags, "--discovery", discovery,
+                       "--kv-lease", "10", "--worker-id", "odd-prefill", name="odd-prefill",
+                       timeout=900)
+    odd_processes = descendants(odd.process.pid)
+    try:
+        fallbacks0 = _decode_metric(server, "splitserve_kv_transfer_fallbacks_total")
+        target = {"worker_id": "odd-prefill", "kv_host": odd.info.kv_host,
+                  "kv_port": odd.info.kv_port}
+        status, tokens, body = generate(server.worker_url, "mismatch", [100 + i for i in range(80)],
+                                        target, max_tokens=4, temperature=0)
+        assert status == 502 and body["code"] == "kv_transfer", body
+        wait_for(lambda: _decode_metric(server, "splitserve_kv_transfer_fallbacks_total",
+                                        reason="mismatch") >= 1, "the mismatch to be counted")
+        assert _decode_metric(server, "splitserve_kv_transfer_fallbacks_total") == fallbacks0 + 1
+        # The decode side's vLLM says why, with both fingerprints' block sizes.
+        (line,) = [ln for ln in server.log().splitlines()
+                   if re.search(r"request_id=mismatch\S* transfer \S+: KV load failed \(mismatch\)", ln)]
+        assert "decode has" in line and "prefill has" in line and "64" in line and "32" in line
+        wait_all_free(server.worker_url, odd.url)      # odd's lease (10 s) frees its blocks
+    finally:
+        odd.stop()
+        wait_for(lambda: not [p for p in odd_processes if pid_alive(p)],
+                 "the odd prefill worker's vLLM processes to exit", timeout=60)
+
+
+def test_prefill_killed_mid_transfer_is_a_502_from_the_frontend(server):
+    """Last in the module: it kills the prefill worker (serve restarts it)."""
+    (p_url,) = server.workers["prefill"]
+    sent0 = metric_value(f"{p_url}/metrics", "splitserve_kv_transfer_bytes_total", direction="sent")
+    result: dict = {}
+
+    def ask():
+        with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0,
+                           timeout=600) as client:
+            try:
+                result["answer"] = client.completions.create(
+                    model=MODEL, prompt="A very long night. " + STORY * 40, max_tokens=8,
+                    temperature=0)
+            except openai.APIStatusError as e:
+                result["error"] = e
+
+    request = threading.Thread(target=ask)
+    request.start()
+    wait_for(lambda: metric_value(f"{p_url}/metrics", "splitserve_kv_transfer_bytes_total",
+                                  direction="sent") > sent0,
+             "the first blocks to leave the prefill worker", timeout=300)
+    kill_tree(worker_pid(server, "prefill"))
+    request.join(600)
+    error = result.get("error")
+    assert error is not None, result
+    assert error.status_code == 502 and "could not be transferred" in str(error.message)
+    assert "fallback policy is 'fail'" in str(error.message)
+    wait_all_free(server.worker_url)
