@@ -59,7 +59,7 @@ def test_131k_prompt_transferred_whole_equals_aggregated(tmp_path):
     prompt = [rng.randrange(256) for _ in range(LENGTH)]     # byte tokens: any id is text
     args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(POSITIONS),
             "--served-model-name", "tiny", "--no-enable-prefix-caching"]
-    with VllmPair(str(model), tmp_path, p_cores="0", d_cores="1", args=args,
+    with VllmPair(str(model), tmp_path, p_cores=[0], d_cores=[1], args=args,
                   transfer={"transport": "tcp"}) as pair:
         d_metrics, p_metrics = pair.d.base_url + "/metrics", pair.p.base_url + "/metrics"
         with ThreadPoolExecutor(2) as ex:

@@ -4,6 +4,10 @@ vllm`, of plain `vllm serve` processes: longctx_vllm.py); plus, for the disaggre
 the KV transfer rate and whether the KV was transferred or recomputed (from the decode
 side's metrics, not assumed).
 
+The disaggregated run's prefill side computes on half the cores, so TTFT is also measured
+aggregated on that half ("agg on P's cores"): disaggregated over that is the hand-off's own
+cost, apart from the cores it gives the decode side.
+
 Prompts have exact token counts: real tokens from the model's tokenizer (a long text
 tokenized once, cut to length), sent as token ids so no re-tokenization can shift them;
 every request's prompt is distinct from its first block, so no prefix-cache hit hides a
@@ -13,6 +17,7 @@ prefill.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import tempfile
 import time
@@ -63,23 +68,24 @@ def run(args) -> int:
         if args.engine == "vllm":
             from splitserve.bench.longctx_vllm import measure
 
-            agg_ttft, dis_ttft, deltas, ceiling = measure(args, model, lengths, prompts, Path(d))
+            ttfts, deltas, ceiling = measure(args, model, lengths, prompts, Path(d))
         else:
-            agg_ttft, dis_ttft, deltas = _measure(args, model, lengths, prompts)
+            ttfts, deltas = _measure(args, model, lengths, prompts)
     rows, results = [], []
     for n in lengths:
         delta = deltas[n]
         ok, fallbacks = delta["ok"], delta["fallbacks"]
         gbps = delta["bytes"] / delta["seconds"] / 1e9 if delta["seconds"] else 0.0
         kv = "transferred" if ok == args.repeats and not fallbacks else f"{fallbacks:.0f} fallback(s)"
-        ratio = dis_ttft[n] / agg_ttft[n]
-        rows.append([n, agg_ttft[n], dis_ttft[n], ratio, gbps, kv])
-        results.append({"tokens": n, "ttft_aggregated_s": agg_ttft[n],
-                        "ttft_disaggregated_s": dis_ttft[n], "ratio": ratio,
-                        "transfer_gb_s": gbps, "kv": kv,
+        agg, agg_p, dis = ttfts["agg"][n], ttfts["agg_p"][n], ttfts["disagg"][n]
+        rows.append([n, agg, agg_p, dis, dis / agg, dis / agg_p, gbps, kv])
+        results.append({"tokens": n, "ttft_aggregated_s": agg, "ttft_aggregated_prefill_cores_s": agg_p,
+                        "ttft_disaggregated_s": dis, "ratio": dis / agg,
+                        "ratio_to_prefill_cores": dis / agg_p, "transfer_gb_s": gbps, "kv": kv,
                         "kv_bytes_per_request": delta["bytes"] / max(ok + fallbacks, 1)})
     print(f"machine: {machine()}")
-    print_table(["prompt tokens", "TTFT agg s", "TTFT disagg s", "disagg/agg", "KV GB/s over fetch (incl. compute wait)", "KV"], rows,
+    print_table(["prompt tokens", "TTFT agg s", "TTFT agg on P's cores s", "TTFT disagg s", "disagg/agg",
+                 "disagg/agg on P's cores", "KV GB/s over fetch (incl. compute wait)", "KV"], rows,
                 title=f"\nlongctx ({args.engine}): medians of {args.repeats} (transport {args.kv_transport})")
     if ceiling:
         print(f"ceiling, same run (bench transfer, {max(lengths)} tokens of this model's KV): "
@@ -90,20 +96,28 @@ def run(args) -> int:
     return 0
 
 
+def prefill_share() -> int:
+    """Cores the disaggregated run's prefill side computes on: half of this machine's, as
+    `splitserve serve` divides them between its two workers."""
+    return max(len(os.sched_getaffinity(0)) // 2, 1)
+
+
 def _measure(args, model: str, lengths: list[int], prompts: dict[int, list[list[int]]]):
-    """Our engine: (aggregated TTFT, disaggregated TTFT, decode worker's KV counter deltas)."""
+    """Our engine: (TTFT per run per length, decode worker's KV counter deltas per length)."""
     common = ["--model", model, "--max-model-len", str(max(lengths) + 16), *args.serve_arg]
-    with ServeProcess("--aggregated", *common) as agg:
-        agg_ttft = {n: ttft(agg.base_url, prompts[n]) for n in lengths}
-    dis_ttft, deltas = {}, {}
+    ttfts: dict[str, dict[int, float]] = {}
+    for run_name, threads in (("agg", []), ("agg_p", ["--threads", str(prefill_share())])):
+        with ServeProcess("--aggregated", *threads, *common) as agg:
+            ttfts[run_name] = {n: ttft(agg.base_url, prompts[n]) for n in lengths}
+    ttfts["disagg"], deltas = {}, {}
     with ServeProcess("--kv-transport", args.kv_transport, *common) as dis:
         decode = dis.worker_urls("decode")[0]
         for n in lengths:
             before = kv_counters(decode)
-            dis_ttft[n] = ttft(dis.base_url, prompts[n])
+            ttfts["disagg"][n] = ttft(dis.base_url, prompts[n])
             after = kv_counters(decode)
             deltas[n] = {k: after[k] - before[k] for k in after}
-    return agg_ttft, dis_ttft, deltas
+    return ttfts, deltas
 
 
 def _exact_prompts(model: str, lengths: list[int], repeats: int) -> dict[int, list[list[int]]]:

@@ -1,8 +1,9 @@
 """`splitserve bench longctx --engine vllm`: the longctx table with vLLM doing the compute.
 
-Aggregated: one `vllm serve` on every core. Disaggregated: a prefill and a decode `vllm
-serve` with SplitserveConnector (one core each, as `splitserve serve` divides them between
-its two workers) behind `splitserve vllm-proxy`. Same prompts, same client, same columns
+Aggregated: one `vllm serve` on every core, then one on the prefill side's cores only.
+Disaggregated: a prefill and a decode `vllm serve` with SplitserveConnector (half the
+cores each, as `splitserve serve` divides them between its two workers) behind
+`splitserve vllm-proxy`. Same prompts, same client, same columns
 as our engine's run. Transferred-or-recomputed comes from the decode server's /metrics
 (`splitserve_kv_transfers_total`, `..._fallbacks_total`, `..._bytes_total`); vLLM's
 /metrics has no transfer-seconds histogram, so the fetch time is read from the decode
@@ -23,38 +24,34 @@ import sys
 import time
 from pathlib import Path
 
-from splitserve.bench.longctx import kv_counters, ttft
+from splitserve.bench.longctx import kv_counters, prefill_share, ttft
 from splitserve.bench.vllm_launch import BLOCK_SIZE, VllmPair, VllmServe
 
 _LOADED = re.compile(r"KV loaded, \d+ blocks, (\d+) bytes in ([\d.]+)s")
 
 
 def measure(args, model: str, lengths: list[int], prompts: dict[int, list[list[int]]],
-            workdir: Path) -> tuple[dict[int, float], dict[int, float], dict[int, dict], dict]:
-    """(aggregated TTFT, disaggregated TTFT, KV counter deltas, ceiling) per length."""
+            workdir: Path) -> tuple[dict[str, dict[int, float]], dict[int, dict], dict]:
+    """(TTFT per run per length, D's KV counter deltas per length, ceiling)."""
     ceiling = _ceiling(model, max(lengths), args.repeats, workdir)
     cores = sorted(os.sched_getaffinity(0))
+    p_cores, d_cores = cores[:prefill_share()], cores[prefill_share():] or cores
     common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(max(lengths) + 16),
               *args.serve_arg]
-    with VllmServe(model, workdir / "aggregated.log", cores=_cores(cores),
-                   args=common) as agg:
-        agg.wait()
-        agg_ttft = {n: ttft(agg.base_url, prompts[n]) for n in lengths}
-    half = max(len(cores) // 2, 1)
-    dis_ttft, deltas = {}, {}
-    with VllmPair(model, workdir, p_cores=_cores(cores[:half]),
-                  d_cores=_cores(cores[half:] or cores), args=common,
+    ttfts: dict[str, dict[int, float]] = {}
+    for run_name, run_cores in (("agg", cores), ("agg_p", p_cores)):
+        with VllmServe(model, workdir / f"{run_name}.log", cores=run_cores,
+                       args=common) as agg:
+            agg.wait()
+            ttfts[run_name] = {n: ttft(agg.base_url, prompts[n]) for n in lengths}
+    ttfts["disagg"], deltas = {}, {}
+    with VllmPair(model, workdir, p_cores=p_cores, d_cores=d_cores, args=common,
                   transfer={"transport": args.kv_transport}) as pair:
         for n in lengths:
             before, logged = kv_counters(pair.d.base_url), len(_LOADED.findall(pair.d.log()))
-            dis_ttft[n] = ttft(pair.base_url, prompts[n])
+            ttfts["disagg"][n] = ttft(pair.base_url, prompts[n])
             deltas[n] = _settled(pair.d, before, logged, args.repeats)
-    return agg_ttft, dis_ttft, deltas, ceiling
-
-
-def _cores(ids: list[int]) -> str:
-    """VLLM_CPU_OMP_THREADS_BIND's form of a set of cores."""
-    return ",".join(map(str, ids))
+    return ttfts, deltas, ceiling
 
 
 def _settled(d: VllmServe, before: dict, logged: int, repeats: int,

@@ -3,8 +3,10 @@ decode server disaggregated through SplitserveConnector behind `splitserve vllm-
 (the README's "vLLM KV connector" commands, on loopback free ports).
 
 Each vLLM server gets its own process group (its engine and worker processes go with it
-on stop) and its own cores through VLLM_CPU_OMP_THREADS_BIND; on a CUDA build those CPU
-variables are ignored. Block size 32: vLLM CPU's attention needs a multiple of 32.
+on stop) and its own cores: VLLM_CPU_OMP_THREADS_BIND for the model's threads, and a CPU
+affinity for all its processes, so a server's API and engine-core processes (which spin
+while a request waits for remote KV) do not take another server's cores. On a CUDA build
+the CPU variable is ignored. Block size 32: vLLM CPU's attention needs a multiple of 32.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def connector_config(role: str, extra: dict) -> dict:
 class VllmServe:
     """`vllm serve MODEL` on a free loopback port; started at once, `wait()` for health."""
 
-    def __init__(self, model: str, log_path: Path, *, cores: str, args: list[str] = (),
+    def __init__(self, model: str, log_path: Path, *, cores: list[int], args: list[str] = (),
                  kv_config: dict | None = None, kv_cache_gib: int = 2):
         self.log_path = log_path
         port = free_port()
@@ -47,11 +49,12 @@ class VllmServe:
                "--port", str(port), "--block-size", str(BLOCK_SIZE), *args]
         if kv_config is not None:
             cmd += ["--kv-transfer-config", json.dumps(kv_config)]
-        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=cores,
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)),
                    VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib))
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            preexec_fn=lambda: os.sched_setaffinity(0, cores))
 
     def wait(self, timeout: float = 900.0) -> None:
         deadline = time.monotonic() + timeout
@@ -99,7 +102,7 @@ class VllmPair:
     each on its own cores, behind `splitserve vllm-proxy` (`base_url`). Both servers start
     at the same time; `transfer` is extra TransferConfig settings for both."""
 
-    def __init__(self, model: str, workdir: Path, *, p_cores: str, d_cores: str,
+    def __init__(self, model: str, workdir: Path, *, p_cores: list[int], d_cores: list[int],
                  args: list[str] = (), p_args: list[str] = (), transfer: dict | None = None,
                  timeout: float = 900.0):
         transfer = dict(transfer or {})
