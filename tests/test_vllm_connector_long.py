@@ -14,6 +14,7 @@ reference never lends its blocks to the transfer (or the other way round).
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import time
@@ -59,7 +60,8 @@ def test_131k_prompt_transferred_whole_equals_aggregated(tmp_path):
     prompt = [rng.randrange(256) for _ in range(LENGTH)]     # byte tokens: any id is text
     args = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(POSITIONS),
             "--served-model-name", "tiny", "--no-enable-prefix-caching"]
-    with VllmPair(str(model), tmp_path, p_cores=[0], d_cores=[1], args=args,
+    cores = sorted(os.sched_getaffinity(0))
+    with VllmPair(str(model), tmp_path, p_cores=cores[:1], d_cores=cores[-1:], args=args,
                   transfer={"transport": "tcp"}) as pair:
         d_metrics, p_metrics = pair.d.base_url + "/metrics", pair.p.base_url + "/metrics"
         with ThreadPoolExecutor(2) as ex:
