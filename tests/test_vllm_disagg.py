@@ -36,6 +36,7 @@ def server(tmp_path_factory):
     try:
         wait_all_free(srv.worker_url)
     finally:
+        processes += descendants(srv.process.pid)      # workers serve restarted too
         assert srv.stop(timeout=120) == 0, srv.log()[-3000:]
         wait_for(lambda: not [p for p in processes if pid_alive(p)],
                  "serve's workers and vLLM's processes to exit", timeout=60)
