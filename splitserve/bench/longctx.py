@@ -4,9 +4,11 @@ vllm`, of plain `vllm serve` processes: longctx_vllm.py); plus, for the disaggre
 the KV transfer rate and whether the KV was transferred or recomputed (from the decode
 side's metrics, not assumed).
 
-The disaggregated run's prefill side computes on half the cores, so TTFT is also measured
-aggregated on that half ("agg on P's cores"): disaggregated over that is the hand-off's own
-cost, apart from the cores it gives the decode side.
+"agg on P's cores" is TTFT aggregated on the cores the disaggregated run's prefill side
+computes on: disaggregated over that is the hand-off's own cost, apart from the cores it
+gives the decode side. `splitserve serve` lets both workers use every core (an idle engine
+leaves them to the busy one), so for our engine that is the aggregated run itself; vLLM
+servers are bound to half the cores each (longctx_vllm.py), so vLLM measures it apart.
 
 Prompts have exact token counts: real tokens from the model's tokenizer (a long text
 tokenized once, cut to length), sent as token ids so no re-tokenization can shift them;
@@ -17,7 +19,6 @@ prefill.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import tempfile
 import time
@@ -96,19 +97,12 @@ def run(args) -> int:
     return 0
 
 
-def prefill_share() -> int:
-    """Cores the disaggregated run's prefill side computes on: half of this machine's, as
-    `splitserve serve` divides them between its two workers."""
-    return max(len(os.sched_getaffinity(0)) // 2, 1)
-
-
 def _measure(args, model: str, lengths: list[int], prompts: dict[int, list[list[int]]]):
     """Our engine: (TTFT per run per length, decode worker's KV counter deltas per length)."""
     common = ["--model", model, "--max-model-len", str(max(lengths) + 16), *args.serve_arg]
-    ttfts: dict[str, dict[int, float]] = {}
-    for run_name, threads in (("agg", []), ("agg_p", ["--threads", str(prefill_share())])):
-        with ServeProcess("--aggregated", *threads, *common) as agg:
-            ttfts[run_name] = {n: ttft(agg.base_url, prompts[n]) for n in lengths}
+    with ServeProcess("--aggregated", *common) as agg:
+        ttfts = {"agg": {n: ttft(agg.base_url, prompts[n]) for n in lengths}}
+    ttfts["agg_p"] = ttfts["agg"]      # serve's prefill worker computes on every core
     ttfts["disagg"], deltas = {}, {}
     with ServeProcess("--kv-transport", args.kv_transport, *common) as dis:
         decode = dis.worker_urls("decode")[0]

@@ -2,7 +2,7 @@
 
 Aggregated: one `vllm serve` on every core, then one on the prefill side's cores only.
 Disaggregated: a prefill and a decode `vllm serve` with SplitserveConnector (half the
-cores each, as `splitserve serve` divides them between its two workers) behind
+cores each, as `splitserve serve --engine vllm` binds its two workers) behind
 `splitserve vllm-proxy`. Same prompts, same client, same columns
 as our engine's run. Transferred-or-recomputed comes from the decode server's /metrics
 (`splitserve_kv_transfers_total`, `..._fallbacks_total`, `..._bytes_total`); vLLM's
@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from splitserve.bench.longctx import kv_counters, prefill_share, ttft
+from splitserve.bench.longctx import kv_counters, ttft
 from splitserve.bench.vllm_launch import BLOCK_SIZE, VllmPair, VllmServe
 
 _LOADED = re.compile(r"KV loaded, \d+ blocks, (\d+) bytes in ([\d.]+)s")
@@ -35,7 +35,8 @@ def measure(args, model: str, lengths: list[int], prompts: dict[int, list[list[i
     """(TTFT per run per length, D's KV counter deltas per length, ceiling)."""
     ceiling = _ceiling(model, max(lengths), args.repeats, workdir)
     cores = sorted(os.sched_getaffinity(0))
-    p_cores, d_cores = cores[:prefill_share()], cores[prefill_share():] or cores
+    half = max(len(cores) // 2, 1)     # as `serve --engine vllm` binds its two workers
+    p_cores, d_cores = cores[:half], cores[half:] or cores
     common = ["--dtype", "float32", "--enforce-eager", "--max-model-len", str(max(lengths) + 16),
               *args.serve_arg]
     ttfts: dict[str, dict[int, float]] = {}
