@@ -2,7 +2,8 @@
 vllm --kv-fallback fail` (vLLM's kv_load_failure_policy fail): a prefill worker whose KV
 does not match the decode worker's (another block size) is refused naming both sides;
 the prefill worker killed mid-transfer is a clear 502 from the frontend, the same answer
-our engine's workers give. Every KV block is free again afterwards.
+our engine's workers give; the decode worker killed mid-transfer makes the prefill worker
+drop the prefill at once. Every KV block is free again afterwards.
 
 (The same kill under --kv-fallback local, recomputed and counted: test_vllm_disagg.py.)"""
 
@@ -11,13 +12,14 @@ from __future__ import annotations
 import re
 import threading
 
+import httpx
 import openai
 import pytest
 
 from live_server import pid_alive
 from procs import metric_value
-from vllm_pd import (MODEL, SERVE_ARGS, STORY, descendants, generate, kill_tree, start_vllm_pd,
-                     wait_all_free, wait_for, worker_pid)
+from vllm_pd import (MODEL, SERVE_ARGS, STORY, descendants, generate, kill_tree, prefill_target,
+                     start_vllm_pd, wait_all_free, wait_for, worker_pid)
 from workers import start_worker
 
 pytest.importorskip("vllm")
@@ -31,12 +33,13 @@ def discovery(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, discovery):
     srv = start_vllm_pd(tmp_path_factory.mktemp("serve-vllm-pd-fail"), "--kv-fallback", "fail",
-                        "--discovery", discovery)
+                        "--kv-lease", "10", "--discovery", discovery)
     processes = descendants(srv.process.pid)
     yield srv
     try:
         wait_all_free(srv.worker_url)
     finally:
+        processes += descendants(srv.process.pid)      # workers serve restarted too
         assert srv.stop(timeout=120) == 0, srv.log()[-3000:]
         wait_for(lambda: not [p for p in processes if pid_alive(p)],
                  "serve's workers and vLLM's processes to exit", timeout=60)
@@ -76,6 +79,43 @@ def test_a_prefill_worker_with_another_block_size_is_refused_naming_both(server,
         odd.stop()
         wait_for(lambda: not [p for p in odd_processes if pid_alive(p)],
                  "the odd prefill worker's vLLM processes to exit", timeout=60)
+
+
+def test_decode_killed_mid_transfer_the_prefill_worker_drops_the_prefill(server):
+    """The decode worker's POST /prefill ends with it: the prefill worker aborts the
+    prefill and frees its blocks at once, without waiting for its lease."""
+    (p_url,) = server.workers["prefill"]
+    old_decode = server.worker_url
+    expired0 = metric_value(f"{p_url}/metrics", "splitserve_kv_lease_expired_total")
+    sent0 = metric_value(f"{p_url}/metrics", "splitserve_kv_transfer_bytes_total", direction="sent")
+    prompt = [(i * 37) % 5000 + 100 for i in range(1600)]
+
+    def ask():
+        try:
+            generate(old_decode, "kill-d", prompt, prefill_target(server), max_tokens=8,
+                     temperature=0)
+        except httpx.HTTPError:
+            pass            # its decode worker died under it
+
+    request = threading.Thread(target=ask)
+    request.start()
+    wait_for(lambda: metric_value(f"{p_url}/metrics", "splitserve_kv_transfer_bytes_total",
+                                  direction="sent") > sent0,
+             "the first blocks to leave the prefill worker", timeout=300)
+    kill_tree(worker_pid(server, "decode"))
+    request.join(60)
+    wait_for(lambda: re.search(r"request_id=kill-d\.\S+ the decode worker left; prefill "
+                               r"aborted", server.log()), "the prefill worker to drop the prefill")
+    wait_all_free(p_url)
+    assert re.search(r"request kill-d\.\S+: released \d+ KV blocks \(the prefill request "
+                     r"ended as FINISHED_ABORTED\)", server.log())
+    assert metric_value(f"{p_url}/metrics", "splitserve_kv_lease_expired_total") == expired0
+    # serve restarts the decode worker (new port): the next test goes through it.
+    wait_for(lambda: any(w["role"] == "decode" and w["state"] == "ready"
+                         and w["api_url"] != old_decode for w in server.cluster()["workers"]),
+             "serve to restart the decode worker", timeout=600)
+    server.workers["decode"] = [w["api_url"] for w in server.cluster()["workers"]
+                                if w["role"] == "decode"]
 
 
 def test_prefill_killed_mid_transfer_is_a_502_from_the_frontend(server):
