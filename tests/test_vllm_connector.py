@@ -29,6 +29,9 @@ from live_server import free_port
 from procs import metric_value, spawn
 from splitserve.model.registry import resolve_model
 
+# Slow (two plain vllm serve and their restarts: minutes on 2 cores): run by `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("vllm")
 
 BLOCK = 32            # vLLM CPU's attention needs a multiple of 32

@@ -22,6 +22,9 @@ from vllm_pd import (MODEL, SERVE_ARGS, STORY, descendants, generate, kill_tree,
                      start_vllm_pd, wait_all_free, wait_for, worker_pid)
 from workers import start_worker
 
+# Slow (a vLLM 1P+1D serve plus restarts: minutes on 2 cores): run by `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("vllm")
 
 

@@ -15,6 +15,9 @@ import pytest
 from live_server import child_pids, pid_alive, start_frontend
 from procs import metric_value, spawn
 
+# Slow (two vLLM servers: minutes to start on 2 cores): run by `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 PREFIX_TOKENS, NUM_PREFIXES, REQUESTS_PER_PREFIX = 256, 2, 4
 WORKER_ARGS = ("--engine", "vllm", "--role", "both", "--dtype", "float32", "--enforce-eager",
                "--max-model-len", "1024", "--kv-cache-memory", "128MiB", "--block-size", "32",
