@@ -35,6 +35,14 @@ def child_pids(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process under pid (children, theirs, ...), from /proc."""
+    out = []
+    for child in child_pids(pid):
+        out += [child, *descendants(child)]
+    return out
+
+
 def pid_alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -18,10 +18,9 @@ import openai
 import pytest
 
 from golden import hf_greedy
-from live_server import pid_alive
 from procs import metric_value
-from vllm_pd import (MODEL, STORY, descendants, generate, kill_tree, prefill_target,
-                     start_vllm_pd, wait_all_free, wait_for, worker_pid)
+from vllm_pd import (MODEL, STORY, generate, kill_tree, prefill_target, vllm_pd_server,
+                     wait_all_free, wait_first_blocks_sent, wait_for, worker_pid)
 
 pytest.importorskip("vllm")
 
@@ -30,16 +29,8 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = start_vllm_pd(tmp_path_factory.mktemp("serve-vllm-pd"))
-    processes = descendants(srv.process.pid)
-    yield srv
-    try:
-        wait_all_free(srv.worker_url)
-    finally:
-        processes += descendants(srv.process.pid)      # workers serve restarted too
-        assert srv.stop(timeout=120) == 0, srv.log()[-3000:]
-        wait_for(lambda: not [p for p in processes if pid_alive(p)],
-                 "serve's workers and vLLM's processes to exit", timeout=60)
+    with vllm_pd_server(tmp_path_factory.mktemp("serve-vllm-pd")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +126,8 @@ def test_prefill_killed_mid_transfer_is_a_counted_recompute(server, smollm2_dir,
         ignore_eos=True)))
     request.start()
     # P's first blocks are out (P counts them per step, 32 tokens a step): P dies mid-prefill.
-    wait_for(lambda: _kv(server, "splitserve_kv_transfer_bytes_total", "prefill",
-                         direction="sent") > sent0, "the first blocks to leave the prefill worker",
-             timeout=300)
+    (p_url,) = server.workers["prefill"]
+    wait_first_blocks_sent(p_url, sent0)
     kill_tree(worker_pid(server, "prefill"))
     request.join(600)
     status, tokens, _ = result["out"]

@@ -19,7 +19,7 @@ import pytest
 from live_server import pid_alive
 from procs import metric_value
 from vllm_pd import (MODEL, SERVE_ARGS, STORY, descendants, generate, kill_tree, prefill_target,
-                     start_vllm_pd, wait_all_free, wait_for, worker_pid)
+                     vllm_pd_server, wait_all_free, wait_first_blocks_sent, wait_for, worker_pid)
 from workers import start_worker
 
 # Slow (a vLLM 1P+1D serve plus restarts: minutes on 2 cores): run by `make test-slow`, which CI runs too.
@@ -35,17 +35,9 @@ def discovery(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, discovery):
-    srv = start_vllm_pd(tmp_path_factory.mktemp("serve-vllm-pd-fail"), "--kv-fallback", "fail",
-                        "--kv-lease", "10", "--discovery", discovery)
-    processes = descendants(srv.process.pid)
-    yield srv
-    try:
-        wait_all_free(srv.worker_url)
-    finally:
-        processes += descendants(srv.process.pid)      # workers serve restarted too
-        assert srv.stop(timeout=120) == 0, srv.log()[-3000:]
-        wait_for(lambda: not [p for p in processes if pid_alive(p)],
-                 "serve's workers and vLLM's processes to exit", timeout=60)
+    with vllm_pd_server(tmp_path_factory.mktemp("serve-vllm-pd-fail"), "--kv-fallback", "fail",
+                        "--kv-lease", "10", "--discovery", discovery) as srv:
+        yield srv
 
 
 def _decode_metric(server, name: str, **labels) -> float:
@@ -102,9 +94,7 @@ def test_decode_killed_mid_transfer_the_prefill_worker_drops_the_prefill(server)
 
     request = threading.Thread(target=ask)
     request.start()
-    wait_for(lambda: metric_value(f"{p_url}/metrics", "splitserve_kv_transfer_bytes_total",
-                                  direction="sent") > sent0,
-             "the first blocks to leave the prefill worker", timeout=300)
+    wait_first_blocks_sent(p_url, sent0)
     kill_tree(worker_pid(server, "decode"))
     request.join(60)
     wait_for(lambda: re.search(r"request_id=kill-d\.\S+ the decode worker left; prefill "
@@ -139,9 +129,7 @@ def test_prefill_killed_mid_transfer_is_a_502_from_the_frontend(server):
 
     request = threading.Thread(target=ask)
     request.start()
-    wait_for(lambda: metric_value(f"{p_url}/metrics", "splitserve_kv_transfer_bytes_total",
-                                  direction="sent") > sent0,
-             "the first blocks to leave the prefill worker", timeout=300)
+    wait_first_blocks_sent(p_url, sent0)
     kill_tree(worker_pid(server, "prefill"))
     request.join(600)
     error = result.get("error")

@@ -19,19 +19,12 @@ import pytest
 import torch
 
 from golden import hf_greedy, hf_model
-from live_server import child_pids, pid_alive, start_serve
+from live_server import descendants, pid_alive, start_serve
 from splitserve.kvtypes.block_hash import extend_block_hashes
 
 MODEL = "smol"
 MAX_MODEL_LEN = 1024
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def _descendants(pid: int) -> list[int]:
-    out = []
-    for child in child_pids(pid):
-        out += [child, *_descendants(child)]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +33,7 @@ def server(smollm2_dir, tmp_path_factory):
                       "--aggregated", "--dtype", "float32", "--enforce-eager",
                       "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", "256MiB",
                       "--served-model-name", MODEL, timeout=900)
-    processes = _descendants(srv.process.pid)
+    processes = descendants(srv.process.pid)
     yield srv
     try:
         # After everything this module did (finished, streamed, disconnected requests),

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from live_server import child_pids, pid_alive, start_frontend
+from live_server import descendants, pid_alive, start_frontend
 from procs import metric_value, spawn
 
 # Slow (two vLLM servers: minutes to start on 2 cores): run by `make test-slow`, which CI runs too.
@@ -32,13 +32,6 @@ def _prompts(seed: int) -> list[list[int]]:
                for prefix in prefixes for _ in range(REQUESTS_PER_PREFIX)]
     rng.shuffle(prompts)
     return prompts
-
-
-def _descendants(pid: int) -> list[int]:
-    out = []
-    for child in child_pids(pid):
-        out += [child, *_descendants(child)]
-    return out
 
 
 def _wait_idle(url: str, timeout: float = 30.0) -> tuple[int, int]:
@@ -81,7 +74,7 @@ def cluster(smollm2_dir, tmp_path_factory):
             procs.append(proc)
             urls.append(f"http://127.0.0.1:{port}")
         _wait_healthy(urls, procs)
-        engine_processes = [c for proc in procs for c in _descendants(proc.pid)]
+        engine_processes = [c for proc in procs for c in descendants(proc.pid)]
         frontend = start_frontend(workdir, discovery, "--router", "kv")
         try:
             frontend.wait_health(200, timeout=120)

@@ -8,11 +8,14 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from live_server import LiveServer, child_pids, pid_alive, start_serve
+from live_server import LiveServer, child_pids, descendants, pid_alive, start_serve
+from procs import metric_value
 
 MODEL = "smol"
 BLOCK = 32            # vLLM CPU's attention needs a multiple of 32
@@ -31,11 +34,27 @@ def start_vllm_pd(workdir: Path, *extra: str) -> LiveServer:
     return start_serve(None, workdir, *SERVE_ARGS, *extra, timeout=1200)
 
 
-def descendants(pid: int) -> list[int]:
-    out = []
-    for child in child_pids(pid):
-        out += [child, *descendants(child)]
-    return out
+@contextmanager
+def vllm_pd_server(workdir: Path, *extra: str) -> Iterator[LiveServer]:
+    """start_vllm_pd for a module: afterwards every KV block is free, serve stops cleanly,
+    and no worker (those serve restarted included) nor vLLM process is left."""
+    srv = start_vllm_pd(workdir, *extra)
+    processes = descendants(srv.process.pid)
+    yield srv
+    try:
+        wait_all_free(srv.worker_url)
+    finally:
+        processes += descendants(srv.process.pid)      # workers serve restarted too
+        assert srv.stop(timeout=120) == 0, srv.log()[-3000:]
+        wait_for(lambda: not [p for p in processes if pid_alive(p)],
+                 "serve's workers and vLLM's processes to exit", timeout=60)
+
+
+def wait_first_blocks_sent(prefill_url: str, sent_before: float) -> None:
+    """Until the prefill worker has sent KV bytes beyond sent_before: a transfer is under way."""
+    wait_for(lambda: metric_value(f"{prefill_url}/metrics", "splitserve_kv_transfer_bytes_total",
+                                  direction="sent") > sent_before,
+             "the first blocks to leave the prefill worker", timeout=300)
 
 
 def worker_pid(server: LiveServer, role: str) -> int:
