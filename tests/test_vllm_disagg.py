@@ -12,15 +12,14 @@ vLLM takes a minute or more to start on a loaded 2-core machine: one serve per m
 from __future__ import annotations
 
 import re
-import threading
 
 import openai
 import pytest
 
 from golden import hf_greedy
 from procs import metric_value
-from vllm_pd import (MODEL, STORY, generate, kill_tree, prefill_target, vllm_pd_server,
-                     wait_all_free, wait_first_blocks_sent, wait_for, worker_pid)
+from vllm_pd import (MODEL, STORY, generate, kill_prefill_mid_transfer, prefill_target,
+                     vllm_pd_server, wait_all_free, wait_for)
 
 pytest.importorskip("vllm")
 
@@ -115,26 +114,21 @@ def test_seeded_sampling_is_the_decode_workers_and_repeats(client, server):
 
 def test_prefill_killed_mid_transfer_is_a_counted_recompute(server, smollm2_dir, tokenizer):
     """Last in the module: it kills the prefill worker (serve restarts it)."""
-    prompt = tokenizer("A very long night. " + STORY * 40)["input_ids"]      # ~1700 tokens
-    want = hf_greedy(smollm2_dir, prompt, 8)
-    target = prefill_target(server)
-    sent0 = _kv(server, "splitserve_kv_transfer_bytes_total", "prefill", direction="sent")
+    def prompt(rid: str) -> list[int]:                                   # ~1700 tokens
+        return tokenizer(f"A very long night, {rid}. " + STORY * 40)["input_ids"]
+
     fallbacks0 = _kv(server, "splitserve_kv_transfer_fallbacks_total")
-    result: dict = {}
-    request = threading.Thread(target=lambda: result.update(out=generate(
-        server.worker_url, "kill-p", prompt, target, max_tokens=8, temperature=0,
-        ignore_eos=True)))
-    request.start()
-    # P's first blocks are out (P counts them per step, 32 tokens a step): P dies mid-prefill.
-    (p_url,) = server.workers["prefill"]
-    wait_first_blocks_sent(p_url, sent0)
-    kill_tree(worker_pid(server, "prefill"))
-    request.join(600)
-    status, tokens, _ = result["out"]
-    assert status == 200 and tokens == want
+    # P's first blocks are out (P sends them per step, 32 tokens a step): P dies mid-prefill.
+    rid, (status, tokens, _) = kill_prefill_mid_transfer(server, lambda rid: generate(
+        server.worker_url, rid, prompt(rid), prefill_target(server), max_tokens=8,
+        temperature=0, ignore_eos=True))
+    assert status == 200 and tokens == hf_greedy(smollm2_dir, prompt(rid), 8)
+    # Counted once, as the decode worker's vLLM reports its connector's stats (per step).
+    wait_for(lambda: _kv(server, "splitserve_kv_transfer_fallbacks_total") > fallbacks0,
+             "the decode worker to count the fallback", detail=lambda: server.log()[-6000:])
     assert _kv(server, "splitserve_kv_transfer_fallbacks_total") == fallbacks0 + 1
     # The decode side's vLLM names the request and what it reused.
-    m = re.findall(r"request_id=kill-p\S* transfer \S+: KV load failed \((\w+)\).*recomputing the "
-                   r"(\d+) blocks that did not arrive, reusing (\d+) verified", server.log())
+    m = re.findall(rf"request_id={rid}\S* transfer \S+: KV load failed \((\w+)\).*recomputing "
+                   r"the (\d+) blocks that did not arrive, reusing (\d+) verified", server.log())
     assert m and int(m[-1][1]) > 0, server.log()[-4000:]
     wait_all_free(server.worker_url)

@@ -18,8 +18,9 @@ import pytest
 
 from live_server import pid_alive
 from procs import metric_value
-from vllm_pd import (MODEL, SERVE_ARGS, STORY, descendants, generate, kill_tree, prefill_target,
-                     vllm_pd_server, wait_all_free, wait_first_blocks_sent, wait_for, worker_pid)
+from vllm_pd import (MODEL, SERVE_ARGS, STORY, descendants, generate, kill_prefill_mid_transfer,
+                     kill_tree, prefill_target, vllm_pd_server, wait_all_free,
+                     wait_first_blocks_sent, wait_for, wait_restarted, worker_pid)
 from workers import start_worker
 
 # Slow (a vLLM 1P+1D serve plus restarts: minutes on 2 cores): run by `make test-slow`, which CI runs too.
@@ -104,36 +105,23 @@ def test_decode_killed_mid_transfer_the_prefill_worker_drops_the_prefill(server)
                      r"ended as FINISHED_ABORTED\)", server.log())
     assert metric_value(f"{p_url}/metrics", "splitserve_kv_lease_expired_total") == expired0
     # serve restarts the decode worker (new port): the next test goes through it.
-    wait_for(lambda: any(w["role"] == "decode" and w["state"] == "ready"
-                         and w["api_url"] != old_decode for w in server.cluster()["workers"]),
-             "serve to restart the decode worker", timeout=600)
-    server.workers["decode"] = [w["api_url"] for w in server.cluster()["workers"]
-                                if w["role"] == "decode"]
+    wait_restarted(server, "decode", old_decode)
 
 
 def test_prefill_killed_mid_transfer_is_a_502_from_the_frontend(server):
     """Last in the module: it kills the prefill worker (serve restarts it)."""
-    (p_url,) = server.workers["prefill"]
-    sent0 = metric_value(f"{p_url}/metrics", "splitserve_kv_transfer_bytes_total", direction="sent")
-    result: dict = {}
-
-    def ask():
+    def ask(rid: str):
         with openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0,
                            timeout=600) as client:
             try:
-                result["answer"] = client.completions.create(
-                    model=MODEL, prompt="A very long night. " + STORY * 40, max_tokens=8,
-                    temperature=0)
+                return client.completions.create(
+                    model=MODEL, prompt=f"A very long night, {rid}. " + STORY * 40, max_tokens=8,
+                    temperature=0, extra_headers={"x-request-id": rid})
             except openai.APIStatusError as e:
-                result["error"] = e
+                return e
 
-    request = threading.Thread(target=ask)
-    request.start()
-    wait_first_blocks_sent(p_url, sent0)
-    kill_tree(worker_pid(server, "prefill"))
-    request.join(600)
-    error = result.get("error")
-    assert error is not None, result
+    _, error = kill_prefill_mid_transfer(server, ask)
+    assert isinstance(error, openai.APIStatusError), error
     assert error.status_code == 502 and "could not be transferred" in str(error.message)
     assert "fallback policy is 'fail'" in str(error.message)
     wait_all_free(server.worker_url)

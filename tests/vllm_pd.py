@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,6 +82,49 @@ def kill_tree(pid: int) -> None:
         time.sleep(0.1)
 
 
+def wait_restarted(server: LiveServer, role: str, old_url: str) -> None:
+    """serve restarts a killed worker on a new port: until the new one is ready;
+    server.workers[role] follows it."""
+    def new_urls() -> list[str]:
+        return [w["api_url"] for w in server.cluster()["workers"]
+                if w["role"] == role and w["state"] == "ready" and w["api_url"] != old_url]
+
+    wait_for(lambda: bool(new_urls()), f"serve to restart the {role} worker", timeout=600)
+    server.workers[role] = new_urls()
+
+
+def kill_prefill_mid_transfer(server: LiveServer, ask: Callable[[str], object],
+                              attempts: int = 3) -> tuple[str, object]:
+    """ask(request_id) in a thread; the prefill worker (vLLM's processes with it) SIGKILLed
+    once its first KV blocks are out. Returns (request_id, what ask returned) of an attempt
+    where the kill landed mid-transfer, as the decode worker's log says: "KV load failed".
+
+    The metric that says blocks are out lags P by a scheduler step and a scrape; on a
+    loaded machine the kill can land after P's last block ("KV loaded"). That attempt
+    shows nothing about the fault, so it is made again once serve has restarted the
+    prefill worker, with a new request id: ask must make each id's prompt start
+    differently, or the decode worker's prefix cache leaves one block to transfer."""
+    for attempt in range(attempts):
+        rid = f"kill-p{attempt}"
+        (p_url,) = server.workers["prefill"]
+        sent0 = metric_value(f"{p_url}/metrics", "splitserve_kv_transfer_bytes_total",
+                             direction="sent")
+        result: dict = {}
+        request = threading.Thread(target=lambda: result.update(out=ask(rid)))
+        request.start()
+        wait_first_blocks_sent(p_url, sent0)
+        kill_tree(worker_pid(server, "prefill"))
+        request.join(600)
+        assert not request.is_alive(), f"request {rid} still running 600 s after the kill"
+        outcome = re.compile(rf"request_id={rid}\S* transfer \S+: KV load(ed| failed| crashed)")
+        wait_for(lambda: outcome.search(server.log()), f"the decode worker's KV outcome of {rid}")
+        if outcome.search(server.log()).group(1) != "ed":
+            return rid, result["out"]
+        wait_restarted(server, "prefill", p_url)
+    raise AssertionError(f"the prefill worker's kill landed after its last KV block {attempts} "
+                         f"times:\n{server.log()[-4000:]}")
+
+
 def prefill_target(server: LiveServer) -> dict:
     (url,) = server.workers["prefill"]
     info = httpx.get(f"{url}/info", timeout=10).json()
@@ -99,10 +144,11 @@ def generate(decode_url: str, request_id: str, prompt: list[int], target: dict,
     return 200, [t for c in chunks for t in c.get("new_token_ids", [])], chunks
 
 
-def wait_for(check, what: str, timeout: float = 60.0) -> None:
+def wait_for(check, what: str, timeout: float = 60.0,
+             detail: Callable[[], str] = lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{detail()}"
         time.sleep(0.2)
 
 
