@@ -60,7 +60,7 @@ WORKER_API_UNAUTHORIZED_TOTAL = "splitserve_worker_api_unauthorized_total"
 _OVERLAP_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 # Latency buckets span a fast CPU decode step (ms) to a long-context prefill (minutes).
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                     10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -73,13 +73,13 @@ class FrontendMetrics:
             "499 when the client went away first", ["status"], registry=registry)
         self.time_to_first_token = Histogram(
             TIME_TO_FIRST_TOKEN_SECONDS, "Request arrival to first generated token",
-            buckets=_LATENCY_BUCKETS, registry=registry)
+            buckets=LATENCY_BUCKETS, registry=registry)
         self.inter_token_latency = Histogram(
             INTER_TOKEN_LATENCY_SECONDS, "Time between consecutive generated tokens",
-            buckets=_LATENCY_BUCKETS, registry=registry)
+            buckets=LATENCY_BUCKETS, registry=registry)
         self.e2e_request_latency = Histogram(
             E2E_REQUEST_LATENCY_SECONDS, "Request arrival to last generated token",
-            buckets=_LATENCY_BUCKETS, registry=registry)
+            buckets=LATENCY_BUCKETS, registry=registry)
         self.prompt_tokens = Counter(
             PROMPT_TOKENS_TOTAL, "Prompt tokens of accepted requests", registry=registry)
         self.generation_tokens = Counter(
@@ -101,7 +101,7 @@ class FrontendMetrics:
         self.request_queue_wait = Histogram(
             REQUEST_QUEUE_WAIT_SECONDS, "Time requests spent in the admission queue, observed "
             "when they leave it (admitted, timed out, or the client left)",
-            buckets=_LATENCY_BUCKETS, registry=registry)
+            buckets=LATENCY_BUCKETS, registry=registry)
         self.requests_rejected = Counter(
             REQUESTS_REJECTED_TOTAL, "Requests refused for lack of capacity, by reason "
             "(queue_full: 429; queue_timeout, no_worker: 503)", ["reason"], registry=registry)
@@ -217,7 +217,7 @@ class WorkerMetrics:
             self.registry.register(TransferStatsCollector(transfer_stats))
         self.kv_transfer_seconds = Histogram(
             KV_TRANSFER_SECONDS, "Duration of KV fetches, any outcome (decode side)",
-            buckets=_LATENCY_BUCKETS, registry=self.registry)
+            buckets=LATENCY_BUCKETS, registry=self.registry)
         self.api_unauthorized = Counter(
             WORKER_API_UNAUTHORIZED_TOTAL.removesuffix("_total"),
             "Worker API requests refused for lacking the deployment's secret",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 
+import httpx
 import openai
 import pytest
 
@@ -67,7 +68,8 @@ def test_openai_chat_and_completions_with_the_kv_transferred(server, client):
     ok0 = _kv(server, "splitserve_kv_transfers_total", outcome="ok")
     received0 = _kv(server, "splitserve_kv_transfer_bytes_total", direction="received")
     whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12,
-                                           temperature=0)
+                                           temperature=0,
+                                           extra_headers={"x-request-id": "kv-counted"})
     text = whole.choices[0].message.content
     assert text and whole.usage.prompt_tokens > 5
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
@@ -86,6 +88,11 @@ def test_openai_chat_and_completions_with_the_kv_transferred(server, client):
     assert _kv(server, "splitserve_kv_transfer_bytes_total", direction="received") > received0
     assert _kv(server, "splitserve_kv_transfer_bytes_total", "prefill", direction="sent") > 0
     assert _kv(server, "splitserve_kv_transfer_fallbacks_total") == 0
+    assert _kv(server, "splitserve_kv_transfer_seconds_count") >= 4
+    # The frontend's line for the request says its whole prompt's KV arrived.
+    done = re.search(r"request_id=kv-counted\S* done: .*KV of (\d+)/(\d+) prompt tokens "
+                     r"transferred", server.log())
+    assert done and done[1] == done[2] == str(whole.usage.prompt_tokens), server.log()[-3000:]
     _all_free(server)
 
 
@@ -131,4 +138,11 @@ def test_prefill_killed_mid_transfer_is_a_counted_recompute(server, smollm2_dir,
     m = re.findall(rf"request_id={rid}\S* transfer \S+: KV load failed \((\w+)\).*recomputing "
                    r"the (\d+) blocks that did not arrive, reusing (\d+) verified", server.log())
     assert m and int(m[-1][1]) > 0, server.log()[-4000:]
+    # The decode worker's /incidents names it (by transfer id: the request id and a suffix),
+    # the reason, the prefill worker's KV address and the policy, as doctor shows it.
+    incidents = httpx.get(f"{server.worker_url}/incidents", timeout=10).json()
+    fallback = [i for i in incidents["recent"]
+                if i["kind"] == "fallback" and i["request_id"].startswith(f"{rid}.")]
+    assert len(fallback) == 1 and fallback[0]["reason"] == m[-1][0], incidents
+    assert fallback[0]["detail"].endswith("policy recompute") and fallback[0]["peer"]
     wait_all_free(server.worker_url)

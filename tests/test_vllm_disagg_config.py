@@ -9,7 +9,8 @@ import pytest
 
 from splitserve.config import ConfigError
 from splitserve.transfer.config import TransferConfig, TransferStats
-from splitserve.worker.vllm_kv_transfer import ConnectorSettings, add_connector_stats, pick_kv_ports
+from splitserve.worker.incidents import IncidentLog
+from splitserve.worker.vllm_kv_transfer import ConnectorReports, ConnectorSettings, pick_kv_ports
 
 
 def test_a_prefill_worker_is_vllms_kv_producer_serving_on_its_kv_port():
@@ -44,15 +45,34 @@ def test_bad_settings_are_refused():
 
 def test_connector_reports_add_up_in_the_workers_transfer_stats():
     stats = TransferStats()
+    incidents = IncidentLog()
+    stats.on_incident = incidents.record
+    seconds: list[float] = []
+    reports = ConnectorReports(stats, seconds.append)
     report = {"transfers": {"ok": 2}, "fallbacks": {}, "bytes_received": 1000, "bytes_sent": 0,
               "resumes": 1, "checksum_failures": 0, "lease_expired": 0, "prefills_cancelled": 0,
-              "auth_failures": 0, "blocks_pinned": 3, "seconds_sum": 0.5}
-    add_connector_stats(stats, report)
-    add_connector_stats(stats, {**report, "transfers": {"peer_dead": 1},
-                                "fallbacks": {"peer_dead": 1}, "blocks_pinned": -3})
+              "auth_failures": 0, "blocks_pinned": 3, "seconds_sum": 0.5,
+              "fetches": [{"transfer_id": "r1.a", "outcome": "ok", "tokens": 64, "seconds": 0.2},
+                          {"transfer_id": "r1.a", "outcome": "ok", "tokens": 64, "seconds": 0.3}],
+              "incidents": [["resume", "r1.a", "connection broke", "1 resume(s)", "h:1"]]}
+    reports.add(report)
+    # TP 2: rank 0 got 96 tokens' blocks before P died, rank 1 only 32: the request has 32.
+    reports.add({**report, "transfers": {"peer_dead": 1}, "fallbacks": {"peer_dead": 1},
+                 "blocks_pinned": -3,
+                 "fetches": [{"transfer_id": "r2.b", "outcome": "peer_dead", "tokens": 96,
+                              "seconds": 1.0},
+                             {"transfer_id": "r2.b", "outcome": "peer_dead", "tokens": 32,
+                              "seconds": 1.5}],
+                 "incidents": [["fallback", "r2.b", "peer_dead", "refused; policy local", ""]]})
     s = stats.snapshot()
     assert s["transfers"] == {"ok": 2, "peer_dead": 1} and s["fallbacks"] == {"peer_dead": 1}
     assert (s["bytes_received"], s["resumes"], s["blocks_pinned"]) == (2000, 2, 0)
+    assert seconds == [0.2, 0.3, 1.0, 1.5]
+    assert reports.transferred_tokens("r1.a") == 64 and reports.transferred_tokens("r2.b") == 32
+    assert reports.transferred_tokens("r2.b") == 0          # read once
+    recent = incidents.snapshot()["recent"]
+    assert [(i["kind"], i["request_id"], i["reason"]) for i in recent] == [
+        ("resume", "r1.a", "connection broke"), ("fallback", "r2.b", "peer_dead")]
 
 
 def test_kv_ports_are_free_and_consecutive_one_per_tp_rank():

@@ -19,7 +19,6 @@ over its budget stops everything: serve exits 1 naming it and its exit codes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import signal

@@ -116,6 +116,13 @@ class FetchResult:
         return self.outcome not in (Outcome.OK, Outcome.CANCELLED)
 
 
+# TransferStats' plain counters (blocks_pinned: a gauge, reported as changes too), by
+# field name: what a vLLM connector's stats report carries besides the labelled ones.
+SCALAR_FIELDS = ("bytes_received", "bytes_sent", "resumes", "checksum_failures",
+                 "lease_expired", "prefills_cancelled", "auth_failures", "blocks_pinned",
+                 "seconds_sum")
+
+
 class TransferStats:
     """Plain thread-safe counters; the worker exports them under its own metric names."""
 
@@ -140,6 +147,19 @@ class TransferStats:
                  peer: str = "") -> None:
         if self.on_incident is not None:
             self.on_incident(kind, request_id, reason, detail, peer)
+
+    def fetch_incidents(self, request_id: str, peer: str, r: FetchResult, policy: str) -> None:
+        """The incidents of one finished fetch (D side): its resumes, its checksum
+        re-sends, its fallback (named with the fallback policy that applied)."""
+        if r.resumes:
+            self.incident("resume", request_id, "connection broke", f"{r.resumes} resume(s), "
+                          f"{r.blocks_verified} blocks verified", peer)
+        if r.checksum_failures:
+            self.incident("checksum", request_id, "blocks re-sent",
+                          f"{r.checksum_failures} checksum failure(s)", peer)
+        if r.fallback:
+            self.incident("fallback", request_id, r.outcome.value, f"{r.reason}; policy {policy}",
+                          peer)
 
     def record_fetch(self, r: FetchResult) -> None:
         with self._lock:

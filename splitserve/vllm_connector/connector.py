@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,6 +63,11 @@ class SplitserveConnector(KVConnectorBase_V1):
         self._invalid: set[int] = set()
         self.stats = TransferStats()
         self._reported = SplitserveKVStats.zero()
+        # Incidents since the last stats report: the KV server's threads and the model
+        # runner's record them, get_kv_connector_stats hands them on.
+        self._incidents: list[list[str]] = []
+        self._incidents_lock = threading.Lock()
+        self.stats.on_incident = self._on_incident
 
     # -- worker side -------------------------------------------------------------------
 
@@ -144,8 +150,16 @@ class SplitserveConnector(KVConnectorBase_V1):
         out, self._invalid = self._invalid, set()
         return out
 
+    def _on_incident(self, kind: str, request_id: str, reason: str, detail: str,
+                     peer: str) -> None:
+        with self._incidents_lock:
+            self._incidents.append([kind, request_id, reason, detail, peer])
+
     def get_kv_connector_stats(self) -> SplitserveKVStats | None:
-        now = SplitserveKVStats.of(self.stats)
+        with self._incidents_lock:
+            incidents, self._incidents = self._incidents, []
+        fetches = self._consumer.drain_reports() if self._consumer is not None else []
+        now = SplitserveKVStats.of(self.stats, fetches, incidents)
         delta = now.minus(self._reported)
         self._reported = now
         return None if delta.is_empty() else delta

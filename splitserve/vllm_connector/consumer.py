@@ -7,6 +7,11 @@ request's blocks past the verified prefix as load errors, in the same step, so v
 applies its kv_load_failure_policy: `recompute` keeps the verified prefix and computes
 only the rest (counted as a fallback by reason, like our own engine), `fail` ends the
 request with an error. Either way the log line names the request and the reason.
+
+Each ended load also leaves a report (`drain_reports`: the transfer id, its outcome, the
+prompt tokens whose KV arrived, its duration) and its incidents (resumes, checksum
+re-sends, a fallback: TransferStats.fetch_incidents, named by transfer id), which the
+connector hands to vLLM's stats on their way to the API process (stats.py).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Consumer:
         self._cancels: dict[str, FetchCancel] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._done: dict[str, tuple[RecvSpec, FetchResult]] = {}
+        self._reports: list[dict] = []      # poll's thread only (vLLM's model runner)
 
     def start(self, spec: RecvSpec) -> None:
         cancel = FetchCancel()
@@ -77,6 +83,7 @@ class Consumer:
                 self._threads.pop(rid, None)
         invalid: set[int] = set()
         for rid, (spec, r) in done.items():
+            self._report(spec, r)
             if r.ok:
                 log.info("request_id=%s transfer %s: KV loaded, %d blocks, %d bytes in %.3fs "
                          "over %s (%d resumes, %d checksum failures)", rid, spec.transfer_id,
@@ -93,6 +100,20 @@ class Consumer:
             log.warning("request_id=%s transfer %s: KV load failed (%s): %s; %s", rid,
                         spec.transfer_id, r.outcome.value, r.reason, action)
         return set(done), invalid
+
+    def _report(self, spec: RecvSpec, r: FetchResult) -> None:
+        arrived = len(spec.block_ids) if r.ok else max(r.blocks_verified, spec.have_blocks)
+        bs = self.blocks.block_size
+        tokens = max(0, min(arrived * bs, len(spec.prompt)) - spec.have_blocks * bs)
+        self._reports.append({"transfer_id": spec.transfer_id, "outcome": r.outcome.value,
+                              "tokens": tokens, "seconds": r.seconds})
+        self.stats.fetch_incidents(spec.transfer_id, f"{spec.host}:{spec.port + self.tp_rank}",
+                                   r, self.failure_policy)
+
+    def drain_reports(self) -> list[dict]:
+        """The reports of the loads poll saw end since the last call."""
+        out, self._reports = self._reports, []
+        return out
 
     def close(self) -> None:
         with self._lock:

@@ -3,7 +3,12 @@
 
 Each worker's connector sends what changed since its last report (get_kv_connector_stats);
 vLLM sums the ranks' reports (aggregate) and hands them to the API server process, where
-SplitservePromMetrics adds them to counters labelled like vLLM's own (model_name, engine).
+SplitservePromMetrics adds them to counters labelled like vLLM's own (model_name, engine)
+and each load's duration to splitserve_kv_transfer_seconds. Two lists ride along, new
+items only, concatenated over ranks: `fetches` (one report per ended load: transfer id,
+outcome, prompt tokens arrived, seconds) and `incidents` ((kind, request id, reason,
+detail, peer), as TransferStats.incident takes them). A splitserve vLLM worker reads
+both (worker/vllm_kv_transfer.py): its request's done line, its /incidents.
 """
 
 from __future__ import annotations
@@ -16,36 +21,42 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (KVConnectorPro
 from vllm.v1.metrics.utils import create_metric_per_engine
 
 from splitserve import metrics as names
-from splitserve.transfer.config import TransferStats
+from splitserve.transfer.config import SCALAR_FIELDS, TransferStats
 
-_SCALARS = ("bytes_received", "bytes_sent", "resumes", "checksum_failures", "lease_expired",
-            "prefills_cancelled", "auth_failures", "blocks_pinned", "seconds_sum")
 _BY_LABEL = ("transfers", "fallbacks")
+_LISTS = ("fetches", "incidents")
 
 
 @dataclass
 class SplitserveKVStats(KVConnectorStats):
-    """data: the TransferStats snapshot fields; `transfers`/`fallbacks` by outcome."""
+    """data: the TransferStats snapshot fields; `transfers`/`fallbacks` by outcome; the
+    `fetches` and `incidents` lists."""
 
     @classmethod
     def zero(cls) -> "SplitserveKVStats":
-        return cls(data={**{k: 0 for k in _SCALARS}, **{k: {} for k in _BY_LABEL}})
+        return cls(data={**{k: 0 for k in SCALAR_FIELDS}, **{k: {} for k in _BY_LABEL},
+                         **{k: [] for k in _LISTS}})
 
     @classmethod
-    def of(cls, stats: TransferStats) -> "SplitserveKVStats":
+    def of(cls, stats: TransferStats, fetches: list[dict] = (),
+           incidents: list[list[str]] = ()) -> "SplitserveKVStats":
         s = stats.snapshot()
-        return cls(data={k: s[k] for k in _SCALARS + _BY_LABEL})
+        return cls(data={**{k: s[k] for k in SCALAR_FIELDS + _BY_LABEL}, "fetches": list(fetches),
+                         "incidents": list(incidents)})
 
     def _combine(self, other: "SplitserveKVStats", sign: int) -> "SplitserveKVStats":
         a, b = self.data, other.data
-        out: dict[str, Any] = {k: a.get(k, 0) + sign * b.get(k, 0) for k in _SCALARS}
+        out: dict[str, Any] = {k: a.get(k, 0) + sign * b.get(k, 0) for k in SCALAR_FIELDS}
         for k in _BY_LABEL:
             labels = set(a.get(k, {})) | set(b.get(k, {}))
             d = {lab: a.get(k, {}).get(lab, 0) + sign * b.get(k, {}).get(lab, 0) for lab in labels}
             out[k] = {lab: n for lab, n in d.items() if n}
+        for k in _LISTS:       # new items only: a sum concatenates, a difference keeps ours
+            out[k] = a.get(k, []) + (b.get(k, []) if sign > 0 else [])
         return SplitserveKVStats(data=out)
 
     def minus(self, other: "SplitserveKVStats") -> "SplitserveKVStats":
+        """The counters' change since `other`; the lists are this report's."""
         return self._combine(other, -1)
 
     def aggregate(self, other: KVConnectorStats) -> "SplitserveKVStats":
@@ -57,14 +68,14 @@ class SplitserveKVStats(KVConnectorStats):
 
     def reduce(self) -> dict[str, int | float]:
         d = self.data
-        out: dict[str, int | float] = {k: d.get(k, 0) for k in _SCALARS}
+        out: dict[str, int | float] = {k: d.get(k, 0) for k in SCALAR_FIELDS}
         for k in _BY_LABEL:
             out.update({f"{k}_{lab}": n for lab, n in sorted(d.get(k, {}).items())})
         return out
 
     def is_empty(self) -> bool:
         d = self.data
-        return not any(d.get(k) for k in _SCALARS) and not any(d.get(k) for k in _BY_LABEL)
+        return not any(d.get(k) for k in SCALAR_FIELDS + _BY_LABEL + _LISTS)
 
 
 class SplitservePromMetrics(KVConnectorPromMetrics):
@@ -99,6 +110,10 @@ class SplitservePromMetrics(KVConnectorPromMetrics):
         }
         self.scalars = {k: create_metric_per_engine(counter(n, doc), per_engine_labelvalues)
                         for k, (n, doc) in scalar.items()}
+        self.seconds = create_metric_per_engine(self._histogram_cls(
+            name=names.KV_TRANSFER_SECONDS, documentation="Duration of KV loads, any outcome "
+            "(decode side; one per tensor-parallel rank)", buckets=names.LATENCY_BUCKETS,
+            labelnames=self._labelnames), per_engine_labelvalues)
         pinned = self._gauge_cls(name=names.KV_BLOCKS_PINNED,
                                  documentation="KV blocks pinned for decode workers (prefill side)",
                                  labelnames=self._labelnames)
@@ -117,5 +132,7 @@ class SplitservePromMetrics(KVConnectorPromMetrics):
         for key, metric in self.scalars.items():
             if d.get(key):
                 metric[engine_idx].inc(d[key])
+        for fetch in d.get("fetches", []):
+            self.seconds[engine_idx].observe(fetch["seconds"])
         if d.get("blocks_pinned"):
             self.pinned[engine_idx].inc(d["blocks_pinned"])

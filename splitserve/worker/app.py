@@ -44,6 +44,7 @@ from splitserve.worker.remote_prefill import RemotePrefill, TransferFailed
 from splitserve.worker.tokenizer_files import TokenizerFiles
 from splitserve.worker.vllm_disagg import (ConnectorEngine, ConnectorKVPort,
                                            ConnectorRemotePrefill, add_prefill_route)
+from splitserve.worker.vllm_kv_transfer import ConnectorReports
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def create_app(engine: WorkerEngine, config: WorkerConfig, worker_id: str,
                          config.kv_peers)
     if isinstance(engine, ConnectorEngine):
         # vLLM: KV moves through its KV connector, inside vLLM (vllm_disagg.py).
-        engine.transfer_stats = transfer_stats
+        engine.reports = ConnectorReports(transfer_stats, metrics.kv_transfer_seconds.observe)
         kv_port = (ConnectorKVPort(engine, config, engine.connector.kv_port)
                    if role == "prefill" else None)
         remote = ConnectorRemotePrefill(engine, config, peers)

@@ -98,7 +98,7 @@ class RemotePrefill:
             self.engine.abort(request_id)
             raise
         self._observe_seconds(result.seconds)
-        self._record_incidents(request_id, target.worker_id, result)
+        self.stats.fetch_incidents(request_id, target.worker_id, result, self.config.kv_fallback)
         if result.outcome is Outcome.CANCELLED:    # only close() cancels a live caller's fetch
             self.engine.abort(request_id)
             raise EngineDeadError(f"KV fetch cancelled: {result.reason}")
@@ -107,17 +107,6 @@ class RemotePrefill:
                 request_id, len(prompt), result.first_token,
                 logprobs_from_wire(result.first_token, result.first_logprobs))
         return await self._fallback(request_id, prompt, result)
-
-    def _record_incidents(self, request_id: str, prefill_worker: str, r: FetchResult) -> None:
-        if r.resumes:
-            self.stats.incident("resume", request_id, "connection broke", f"{r.resumes} "
-                                f"resume(s), {r.blocks_verified} blocks verified", prefill_worker)
-        if r.checksum_failures:
-            self.stats.incident("checksum", request_id, "blocks re-sent", f"{r.checksum_failures} "
-                                f"checksum failure(s)", prefill_worker)
-        if r.fallback:
-            self.stats.incident("fallback", request_id, r.outcome.value,
-                                f"{r.reason}; policy {self.config.kv_fallback}", prefill_worker)
 
     async def _fallback(self, request_id: str, prompt: list[int], result: FetchResult):
         bs = self.engine.kv_memory().block_size

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -37,7 +37,6 @@ from fastapi.responses import Response
 
 from splitserve.disconnect import unless_disconnected
 from splitserve.engine.types import RequestOutput, SamplingParams
-from splitserve.transfer.config import TransferStats
 from splitserve.worker import protocol as p
 from splitserve.worker.auth import bearer
 from splitserve.worker.config import WorkerConfig
@@ -45,7 +44,7 @@ from splitserve.worker.engine_api import (CapacityError, EngineDeadError, Engine
                                           RequestError, RequestFailed, WorkerEngine)
 from splitserve.worker.prefill_peers import PrefillPeers
 from splitserve.worker.remote_prefill import TransferFailed
-from splitserve.worker.vllm_kv_transfer import ConnectorSettings
+from splitserve.worker.vllm_kv_transfer import ConnectorReports, ConnectorSettings
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class ConnectorEngine(ABC):
     """An engine that moves KV itself, through a KV connector (VllmEngine)."""
 
     connector: ConnectorSettings | None
-    transfer_stats: TransferStats | None
+    reports: ConnectorReports | None
 
     @abstractmethod
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -212,7 +211,11 @@ class ConnectorRemotePrefill:
         except BaseException:        # the caller left (cancelled), or the engine died
             post.cancel()
             raise
-        return _stream(first, outputs, post)
+        return _stream(first, outputs, post, lambda: self._transferred(tid))
+
+    def _transferred(self, tid: str) -> int:
+        reports = self.engine.reports
+        return reports.transferred_tokens(tid) if reports is not None else 0
 
     async def _post(self, api_url: str, order: PrefillOrder, worker_id: str) -> None:
         try:
@@ -230,14 +233,22 @@ class ConnectorRemotePrefill:
                            order.transfer_id, worker_id, resp.status_code, resp.text[:300])
 
 
+def _counted(out: RequestOutput, transferred: Callable[[], int]) -> RequestOutput:
+    if out.finished:
+        out.num_transferred_tokens = transferred()
+    return out
+
+
 async def _stream(first: RequestOutput | RequestFailed, outputs: AsyncIterator[RequestOutput],
-                  post: asyncio.Task) -> AsyncIterator[RequestOutput]:
+                  post: asyncio.Task, transferred: Callable[[], int]) -> AsyncIterator[RequestOutput]:
+    """The decode side's outputs; the final one says how many prompt tokens' KV arrived
+    (the connector reported it before the request's first output, see ConnectorReports)."""
     try:
         if isinstance(first, RequestFailed):
             raise first
-        yield first
+        yield _counted(first, transferred)
         async for out in outputs:
-            yield out
+            yield _counted(out, transferred)
     finally:
         # D's request is over: P's part is done (D had its KV) or useless (D fell back);
         # a prefill still running on P is aborted by the closed connection.

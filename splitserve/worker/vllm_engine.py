@@ -18,7 +18,8 @@ A prefill or decode worker (connector set) runs vLLM with SplitserveConnector
 (vllm_kv_transfer.py): KV moves inside vLLM, between its worker processes, not through
 this seam (reserve/commit and held prefills are refused here); requests name their
 transfer through kv_transfer_params (add(), vllm_disagg.py), and the connector's transfer
-counters reach the worker's TransferStats through vLLM's stats (vllm_stats.py).
+reports (counters, incidents, each load's tokens and seconds) reach the worker through
+vLLM's stats (vllm_stats.py, ConnectorReports).
 """
 
 from __future__ import annotations
@@ -35,14 +36,13 @@ from typing import Any, TypeVar
 from splitserve.config import EngineConfig
 from splitserve.engine.types import EngineStats, RequestOutput, SamplingParams, TokenLogprobs
 from splitserve.kvtypes.events import AllCleared, KVEvent
-from splitserve.transfer.config import TransferStats
 from splitserve.worker.config import SECRET_ENV
 from splitserve.worker.engine_api import (
     CapacityError, EngineDeadError, EngineInfo, EngineState, HeldSink, KVMemory, RequestError,
     RequestFailed, WorkerEngine)
 from splitserve.worker.vllm_disagg import ConnectorEngine
 from splitserve.worker.vllm_kv_listener import VllmKVEventListener
-from splitserve.worker.vllm_kv_transfer import ConnectorSettings, add_connector_stats
+from splitserve.worker.vllm_kv_transfer import ConnectorReports, ConnectorSettings
 from splitserve.worker.vllm_kv_translate import VllmKVTranslator
 from splitserve.worker.vllm_model import eos_token_ids, local_dir, model_argument, model_name
 from splitserve.worker.vllm_options import VllmOptions, cpu_thread_env, engine_kwargs, fit_platform
@@ -67,9 +67,10 @@ class VllmEngine(WorkerEngine, ConnectorEngine):
         self._config = config
         self._options = options
         self.connector = connector
-        # Where the connector's counters go (the worker's /metrics): set by the worker
-        # before start(); touched on the event loop only (vLLM's stat loggers run there).
-        self.transfer_stats: TransferStats | None = None
+        # Where the connector's reports go (the worker's /metrics, /incidents, the
+        # requests' transferred tokens): set by the worker before start(); touched on the
+        # event loop only (vLLM's stat loggers run there).
+        self.reports: ConnectorReports | None = None
         self._llm: Any = None               # vllm AsyncLLM, once built
         self._info: EngineInfo | None = None
         self._stats: EngineStats | None = None
@@ -269,8 +270,8 @@ class VllmEngine(WorkerEngine, ConnectorEngine):
         self._stats = stats
 
     def _on_transfers(self, data: dict[str, Any]) -> None:
-        if self.transfer_stats is not None:
-            add_connector_stats(self.transfer_stats, data)
+        if self.reports is not None:
+            self.reports.add(data)
 
     async def _watch(self, llm: Any) -> None:
         """vLLM's engine processes can die between requests too: notice it then."""

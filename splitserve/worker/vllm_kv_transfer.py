@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from splitserve.config import ConfigError
-from splitserve.transfer.config import TransferConfig, TransferStats
+from splitserve.transfer.config import SCALAR_FIELDS, TransferConfig, TransferStats
 
 # vLLM's kv_load_failure_policy for each --kv-fallback.
 FAILURE_POLICY = {"local": "recompute", "fail": "fail"}
 _KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer"}
-# The connector's plain counters, by their TransferStats names (blocks_pinned: a gauge,
-# reported as changes too).
-_SCALARS = ("bytes_received", "bytes_sent", "resumes", "checksum_failures", "lease_expired",
-            "prefills_cancelled", "auth_failures", "blocks_pinned", "seconds_sum")
+# Transfers whose token counts wait for their request's final output: a request that
+# never reads its own (its stream dropped) is forgotten after this many newer ones.
+_TOKENS_KEPT = 4096
 
 
 @dataclass(frozen=True)
@@ -88,17 +89,47 @@ def _free(host: str, port: int) -> bool:
     return True
 
 
-def add_connector_stats(stats: TransferStats, data: dict[str, Any]) -> None:
-    """Adds one report of the connector's counters (what changed since its last report,
-    summed over TP ranks: vllm_connector/stats.py SplitserveKVStats.data) to the worker's
-    TransferStats, so its /metrics count the transfers vLLM's processes made.
-    NOTE: the labelled counters are updated without TransferStats' lock: this runs on the
-    event loop, which is the only thread that reads or writes a vLLM worker's
-    TransferStats (vLLM's stat loggers and the /metrics handler both run there)."""
-    for outcome, n in data.get("transfers", {}).items():
-        stats.transfers[outcome] += n
-    for reason, n in data.get("fallbacks", {}).items():
-        stats.fallbacks[reason] += n
-    for name in _SCALARS:
-        if data.get(name):
-            stats.add(name, data[name])
+class ConnectorReports:
+    """What a vLLM worker's connector reports (summed over TP ranks, what changed since
+    its last report: vllm_connector/stats.py SplitserveKVStats.data), applied where our
+    own engine's transfers land: counters in the worker's TransferStats (its /metrics),
+    incidents in its IncidentLog (stats.on_incident: /incidents, doctor), each load's
+    duration in splitserve_kv_transfer_seconds, and each transfer's arrived prompt tokens
+    kept for the request's final output (`transferred_tokens`).
+
+    Runs on the event loop only, the one thread that reads or writes a vLLM worker's
+    TransferStats (vLLM's stat loggers and the /metrics handler both run there), so the
+    labelled counters are updated without TransferStats' lock. vLLM reports a load's
+    stats in the step it ends, before the step that schedules its request: a request's
+    final output always comes after its transfer's report."""
+
+    def __init__(self, stats: TransferStats, observe_seconds: Callable[[float], None]):
+        self.stats = stats
+        self._observe_seconds = observe_seconds
+        self._tokens: OrderedDict[str, int] = OrderedDict()    # transfer id -> tokens
+
+    def add(self, data: dict[str, Any]) -> None:
+        stats = self.stats
+        for outcome, n in data.get("transfers", {}).items():
+            stats.transfers[outcome] += n
+        for reason, n in data.get("fallbacks", {}).items():
+            stats.fallbacks[reason] += n
+        for name in SCALAR_FIELDS:
+            if data.get(name):
+                stats.add(name, data[name])
+        for incident in data.get("incidents", []):
+            stats.incident(*incident)
+        for fetch in data.get("fetches", []):
+            self._observe_seconds(fetch["seconds"])
+            # Each TP rank moves its own shard of every token: the request has the
+            # tokens every rank has.
+            tid = fetch["transfer_id"]
+            self._tokens[tid] = min(fetch["tokens"], self._tokens.get(tid, fetch["tokens"]))
+            self._tokens.move_to_end(tid)
+        while len(self._tokens) > _TOKENS_KEPT:
+            self._tokens.popitem(last=False)
+
+    def transferred_tokens(self, transfer_id: str) -> int:
+        """The prompt tokens whose KV arrived for transfer_id (0 if no load reported);
+        forgotten once read."""
+        return self._tokens.pop(transfer_id, 0)
