@@ -6,6 +6,11 @@ afterwards; and the hand-off survives what the wire does to it.
 One prefill and one decode server for the whole module (each takes about a minute to
 start on a loaded 2-core machine), one core each. The aggregated reference is the prefill
 server itself asked without kv_transfer_params: plain vLLM, the connector stays idle.
+
+Both servers move their KV through the host mirror (`host_staging`), the path KV in GPU
+memory takes (staging.py): every block is copied out of vLLM's KV after its step on P and
+into it before D's next step. The direct path (CPU KV read in place) is the one
+`serve --engine vllm` takes: tests/test_vllm_disagg*.py, test_vllm_connector_long.py.
 """
 
 from __future__ import annotations
@@ -99,7 +104,8 @@ def _stop(proc: subprocess.Popen, group: bool = True) -> None:
 def pair(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm-pair")
     kv_port = free_port()
-    timing = {"lease": LEASE, "heartbeat_interval": 1.0, "stall_timeout": 6.0}
+    timing = {"lease": LEASE, "heartbeat_interval": 1.0, "stall_timeout": 6.0,
+              "host_staging": True}
     # P chunks its prefill (32 tokens a step) so blocks stream while the prompt computes,
     # and computes every prompt afresh (no prefix cache): the aggregated reference never
     # reuses KV of a transfer, and each transfer's blocks really are computed step by step.
@@ -168,6 +174,8 @@ def _pair_request(pair, prompt: str, kv_port: int) -> dict:
 
 
 def test_two_plain_vllm_serve_equal_aggregated_with_kv_transferred(pair):
+    for log in (pair["p_log"], pair["d_log"]):
+        assert "staged through host memory (KV on cpu)" in log.read_text()
     reference = [_tokens(_complete(pair["p"], prompt)) for prompt in PROMPTS]
     ok0 = _kv(pair, "d", "splitserve_kv_transfers_total", outcome="ok")
     received0 = _kv(pair, "d", "splitserve_kv_transfer_bytes_total", direction="received")

@@ -32,6 +32,7 @@ from splitserve.vllm_connector.consumer import Consumer
 from splitserve.vllm_connector.metadata import SplitserveMetadata
 from splitserve.vllm_connector.producer import Producer
 from splitserve.vllm_connector.scheduler import SchedulerSide
+from splitserve.vllm_connector.staging import HostStaging
 from splitserve.vllm_connector.stats import SplitserveKVStats, SplitservePromMetrics
 
 if TYPE_CHECKING:
@@ -76,17 +77,20 @@ class SplitserveConnector(KVConnectorBase_V1):
 
         cfg, tc = self.config, self._kv_transfer_config
         tp_rank = get_tensor_model_parallel_rank()
-        devices = {str(t.device) for t in kv_caches.values()}
-        if devices != {"cpu"}:
-            # NOTE: moving KV that lives in accelerator memory needs pinned host staging
-            # buffers (a copy step on each side); not built yet.
-            raise NotImplementedError(f"SplitserveConnector moves KV in CPU memory only; this "
-                                      f"worker's KV is on {sorted(devices)}")
-        blocks = KVBlocks.from_layers(kv_caches, self._kv_cache_config.num_blocks, self.block_size)
+        devices = {t.device.type for t in kv_caches.values()}
+        num_blocks = self._kv_cache_config.num_blocks
+        staging = None
+        if cfg.host_staging or devices != {"cpu"}:
+            # The transfer library moves bytes of host memory: KV elsewhere goes through
+            # a host mirror (staging.py).
+            staging = HostStaging(kv_caches, num_blocks)
+        blocks = KVBlocks.from_layers(staging.mirror if staging else kv_caches, num_blocks,
+                                      self.block_size)
         fp = kv_fingerprint(blocks, **_model_identity(self._vllm_config), tp_rank=tp_rank)
         if tc.is_kv_producer:
             self._producer = Producer(self.block_size, cfg.transfer.lease,
-                                      cfg.transfer.heartbeat_interval, self.stats)
+                                      cfg.transfer.heartbeat_interval, self.stats,
+                                      stage=staging.to_host if staging else None)
             self._server = KVTransferServer(blocks, fp, cfg.transfer, self._producer,
                                             cfg.kv_host, cfg.kv_port + tp_rank, self.stats,
                                             partial_start=True)
@@ -94,10 +98,13 @@ class SplitserveConnector(KVConnectorBase_V1):
                 self._server.start()
         if tc.is_kv_consumer:
             self._consumer = Consumer(blocks, cfg.transfer, fp, self.stats, tp_rank,
-                                      tc.kv_load_failure_policy)
+                                      tc.kv_load_failure_policy,
+                                      on_loaded=staging.to_device if staging else None)
         log.info("splitserve KV connector (%s) on TP rank %d: %d layers as %d planes, %d blocks "
-                 "of %d tokens (%d bytes each)%s", tc.kv_role, tp_rank, len(kv_caches),
+                 "of %d tokens (%d bytes each)%s%s", tc.kv_role, tp_rank, len(kv_caches),
                  len(blocks.planes), blocks.num_blocks, self.block_size, blocks.block_nbytes,
+                 f", staged through host memory (KV on {', '.join(sorted(devices))})"
+                 if staging else "",
                  f", KV server on {cfg.kv_host}:{cfg.kv_port + tp_rank}" if self._server else "")
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
@@ -128,7 +135,8 @@ class SplitserveConnector(KVConnectorBase_V1):
         """Blocks are published whole, per step, in wait_for_save."""
 
     def wait_for_save(self) -> None:
-        # NOTE: on CPU the forward is synchronous, so this step's KV is final here.
+        # NOTE: on CPU the forward is synchronous, so this step's KV is final here; on a
+        # GPU the producer's staging copy is queued after it on the same stream.
         if self._producer is None or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()

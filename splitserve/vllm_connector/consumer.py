@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from splitserve.transfer.backend import PrefillRequest
 from splitserve.transfer.client import FetchCancel, fetch_kv
@@ -30,8 +31,12 @@ log = logging.getLogger(__name__)
 
 class Consumer:
     def __init__(self, blocks: KVBlocks, config: TransferConfig, fingerprint: dict[str, str],
-                 stats: TransferStats, tp_rank: int, failure_policy: str):
+                 stats: TransferStats, tp_rank: int, failure_policy: str,
+                 on_loaded: Callable[[list[int]], None] | None = None):
+        """on_loaded: copies blocks that arrived to where vLLM reads them (KV on a GPU:
+        from the host mirror, staging.py), returning once they are there."""
         self.blocks = blocks
+        self._on_loaded = on_loaded
         self.config = config
         self.fingerprint = fingerprint
         self.stats = stats
@@ -84,6 +89,8 @@ class Consumer:
         invalid: set[int] = set()
         for rid, (spec, r) in done.items():
             self._report(spec, r)
+            if self._on_loaded is not None and r.outcome is not Outcome.CANCELLED:
+                self._on_loaded(spec.block_ids[spec.have_blocks:_arrived(spec, r)])
             if r.ok:
                 log.info("request_id=%s transfer %s: KV loaded, %d blocks, %d bytes in %.3fs "
                          "over %s (%d resumes, %d checksum failures)", rid, spec.transfer_id,
@@ -102,9 +109,8 @@ class Consumer:
         return set(done), invalid
 
     def _report(self, spec: RecvSpec, r: FetchResult) -> None:
-        arrived = len(spec.block_ids) if r.ok else max(r.blocks_verified, spec.have_blocks)
         bs = self.blocks.block_size
-        tokens = max(0, min(arrived * bs, len(spec.prompt)) - spec.have_blocks * bs)
+        tokens = max(0, min(_arrived(spec, r) * bs, len(spec.prompt)) - spec.have_blocks * bs)
         self._reports.append({"transfer_id": spec.transfer_id, "outcome": r.outcome.value,
                               "tokens": tokens, "seconds": r.seconds})
         self.stats.fetch_incidents(spec.transfer_id, f"{spec.host}:{spec.port + self.tp_rank}",
@@ -123,3 +129,8 @@ class Consumer:
             c.cancel("vLLM worker shutting down")
         for t in threads:
             t.join(timeout=5)
+
+
+def _arrived(spec: RecvSpec, r: FetchResult) -> int:
+    """Logical blocks [0, n) now in D's KV: local hits, then what arrived verified."""
+    return len(spec.block_ids) if r.ok else max(r.blocks_verified, spec.have_blocks)

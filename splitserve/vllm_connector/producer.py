@@ -21,7 +21,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from splitserve.transfer.backend import (BlocksReady, Done, Event, PrefillBackend,
                                          PrefillRequest, Progress)
@@ -58,8 +58,13 @@ class _Transfer:
 
 
 class Producer(PrefillBackend):
-    def __init__(self, block_size: int, lease: float, heartbeat: float, stats: TransferStats):
+    def __init__(self, block_size: int, lease: float, heartbeat: float, stats: TransferStats,
+                 stage: Callable[[list[int]], None] | None = None):
+        """stage: copies blocks to where the KV server reads them (KV on a GPU: the host
+        mirror, staging.py) and returns once they are there; None when it reads vLLM's
+        own KV."""
         self.block_size = block_size
+        self._stage = stage
         self.lease = lease
         self.heartbeat = heartbeat
         self.stats = stats
@@ -80,6 +85,13 @@ class Producer(PrefillBackend):
                 self._by_tid[t.tid] = t
                 self._ended.pop(t.tid, None)
             t.block_ids.extend(step.new_block_ids)
+            # The blocks holding this step's tokens (a prefix-cache hit's come with the
+            # first step): staged before tokens_done says they are ready.
+            fresh = t.block_ids[t.tokens_done // self.block_size:
+                                -(-step.tokens_done // self.block_size)]
+        if self._stage is not None:
+            self._stage(fresh)
+        with self._cond:
             t.tokens_done = max(t.tokens_done, step.tokens_done)
             self._cond.notify_all()
 
