@@ -9,23 +9,23 @@ import torch
 
 from splitserve.transfer import (BlocksReady, Done, KVTransferServer, PrefillBackend,
                                  PrefillRequest, TransferConfig, fetch_kv, kv_fingerprint)
-from splitserve.transfer.kvmem import KVBlocks
+from splitserve.transfer.kvmem import KVBlocks, describe_mismatch
 
 NUM_BLOCKS, BLOCK, HEADS, DIM, LAYERS = 24, 16, 2, 8, 3
 
 
-def cpu_layers(seed: int = 0) -> dict[str, torch.Tensor]:
+def cpu_layers(seed: int = 0, num_blocks: int = NUM_BLOCKS) -> dict[str, torch.Tensor]:
     """vLLM CPU: [num_blocks, kv_heads, block_size, 2 * head_dim] per layer."""
     g = torch.Generator().manual_seed(seed)
     return {f"model.layers.{i}.self_attn.attn":
-            torch.randn(NUM_BLOCKS, HEADS, BLOCK, 2 * DIM, generator=g) for i in range(LAYERS)}
+            torch.randn(num_blocks, HEADS, BLOCK, 2 * DIM, generator=g) for i in range(LAYERS)}
 
 
-def flash_layers(seed: int = 0) -> dict[str, torch.Tensor]:
+def flash_layers(seed: int = 0, num_blocks: int = NUM_BLOCKS) -> dict[str, torch.Tensor]:
     """vLLM CUDA flash-attn shape: [2, num_blocks, block_size, kv_heads, head_dim]."""
     g = torch.Generator().manual_seed(seed)
     return {f"model.layers.{i}.self_attn.attn":
-            torch.randn(2, NUM_BLOCKS, BLOCK, HEADS, DIM, generator=g) for i in range(LAYERS)}
+            torch.randn(2, num_blocks, BLOCK, HEADS, DIM, generator=g) for i in range(LAYERS)}
 
 
 def block_of(layers: dict[str, torch.Tensor], b: int, dim: int) -> list[torch.Tensor]:
@@ -52,6 +52,15 @@ def test_fingerprint_covers_layout_dtype_and_block_size():
     half = {k: v.half() for k, v in cpu_layers().items()}
     assert a != kv_fingerprint(KVBlocks.from_layers(half, NUM_BLOCKS, BLOCK), tp_rank=0)
     assert a["kv_block_size"] == str(BLOCK)
+
+
+def test_pools_of_different_sizes_agree_on_what_a_block_means():
+    """vLLM sizes each KV pool from its own free memory: P's and D's differ."""
+    for layers in (cpu_layers, flash_layers):
+        a = kv_fingerprint(KVBlocks.from_layers(layers(), NUM_BLOCKS, BLOCK), tp_rank=0)
+        b = kv_fingerprint(KVBlocks.from_layers(layers(num_blocks=NUM_BLOCKS + 7),
+                                                NUM_BLOCKS + 7, BLOCK), tp_rank=0)
+        assert a == b, describe_mismatch(a, b)
 
 
 def test_refuses_a_layer_whose_block_is_not_one_range():

@@ -85,7 +85,10 @@ class KVBlocks:
             for outer in _outer_indices(t.shape[:d]):
                 base = t[outer].data_ptr() - t.untyped_storage().data_ptr()
                 planes.append(Plane(storage[base:base + size], stride, nbytes))
-            shapes.add(f"{'x'.join(map(str, t.shape))}/{'x'.join(map(str, t.stride()))}@{d}")
+            # What a block's bytes mean, not how many blocks the pool has (P's and D's
+            # differ): the dims and strides inside a block, the planes outside it.
+            shapes.add(f"{'x'.join(map(str, t.shape[:d]))}[N]{'x'.join(map(str, inner))}/"
+                       f"{'x'.join(map(str, t.stride()[d + 1:]))}@{d}")
         if not planes:
             raise ValueError("no KV layers")
         self._init(planes, num_blocks, block_size, tuple(layers.values()))
