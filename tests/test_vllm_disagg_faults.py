@@ -1,6 +1,7 @@
 """The failure table's rows that end a request, with vLLM workers under `serve --engine
 vllm --kv-fallback fail` (vLLM's kv_load_failure_policy fail): a prefill worker whose KV
-does not match the decode worker's (another block size) is refused naming both sides;
+does not match the decode worker's (another block size) is refused naming both sides; a
+prefill worker refusing the prompt is a 502 at once, not after its lease;
 the prefill worker killed mid-transfer is a clear 502 from the frontend, the same answer
 our engine's workers give; the decode worker killed mid-transfer makes the prefill worker
 drop the prefill at once. Every KV block is free again afterwards.
@@ -75,6 +76,36 @@ def test_a_prefill_worker_with_another_block_size_is_refused_naming_both(server,
         odd.stop()
         wait_for(lambda: not [p for p in odd_processes if pid_alive(p)],
                  "the odd prefill worker's vLLM processes to exit", timeout=60)
+
+
+def test_a_prefill_worker_refusing_the_prompt_is_a_502_at_once(server, discovery, smollm2_dir,
+                                                               tmp_path):
+    """Its /prefill answers 400 (the prompt is longer than its --max-model-len): the decode
+    worker stops waiting for KV that will never come, long before the prefill worker's
+    lease (10 s) would say so; a fallback `refused`, counted and in /incidents."""
+    flags = [a for a in SERVE_ARGS if a != "--served-model-name" and a != MODEL]
+    flags[flags.index("--max-model-len") + 1] = "256"
+    short = start_worker("prefill", smollm2_dir, tmp_path, *flags, "--discovery", discovery,
+                         "--kv-lease", "10", "--worker-id", "short-prefill",
+                         name="short-prefill", timeout=900)
+    short_processes = descendants(short.process.pid)
+    try:
+        target = {"worker_id": "short-prefill", "kv_host": short.info.kv_host,
+                  "kv_port": short.info.kv_port}
+        status, _, body = generate(server.worker_url, "too-long", [100 + i for i in range(600)],
+                                   target, max_tokens=4, temperature=0)
+        assert status == 502 and body["code"] == "kv_transfer", body
+        assert "refused the prefill: it answered 400" in body["message"], body
+        assert _decode_metric(server, "splitserve_kv_transfer_fallbacks_total",
+                              reason="refused") == 1
+        incidents = httpx.get(f"{server.worker_url}/incidents", timeout=10).json()["recent"]
+        assert [(i["reason"], i["peer"]) for i in incidents
+                if i["request_id"] == "too-long"] == [("refused", "short-prefill")]
+        wait_all_free(server.worker_url, short.url)
+    finally:
+        short.stop()
+        wait_for(lambda: not [p for p in short_processes if pid_alive(p)],
+                 "the short prefill worker's vLLM processes to exit", timeout=60)
 
 
 def test_decode_killed_mid_transfer_the_prefill_worker_drops_the_prefill(server):

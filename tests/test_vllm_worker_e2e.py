@@ -178,6 +178,26 @@ def test_a_caller_leaving_mid_stream_aborts_the_request_in_vllm(server):
         time.sleep(0.1)
 
 
+def test_a_request_id_used_again_right_after_its_abort_gets_a_whole_answer(server):
+    """vLLM's abort of the first runs while the second is added: it must not hit the
+    second (a vLLM decode worker re-adds a request whose prefill worker refused it)."""
+    body = {"request_id": "again", "prompt_token_ids": [101] * 20,
+            "sampling": {"max_tokens": 400, "temperature": 0, "ignore_eos": True}}
+    with httpx.stream("POST", f"{server.worker_url}/generate", json=body, timeout=60) as resp:
+        for i, _ in enumerate(resp.iter_lines()):
+            if i == 1:
+                break
+    deadline = time.monotonic() + 10
+    while "request_id=again aborted by its caller" not in server.log():
+        assert time.monotonic() < deadline, "the worker did not abort the request"
+        time.sleep(0.01)
+    chunks = _generate(server.worker_url, "again", [101] * 20, max_tokens=8, temperature=0,
+                       ignore_eos=True)
+    assert sum(len(c.get("new_token_ids", [])) for c in chunks) == 8
+    assert chunks[-1]["finish_reason"] == "length"
+    assert _wait_idle(server.worker_url) == (0, 0)
+
+
 def test_kv_events_name_the_prompts_blocks_as_the_router_hashes_them(server):
     prompt = [(i * 37) % 5000 + 100 for i in range(300)]          # 2 full blocks of 128
     _generate(server.worker_url, "kv-events", prompt, max_tokens=1, temperature=0)

@@ -42,9 +42,9 @@ from splitserve.worker.prefill_rate import PrefillRateMeter
 from splitserve.worker.registration import WorkerRegistration
 from splitserve.worker.remote_prefill import RemotePrefill, TransferFailed
 from splitserve.worker.tokenizer_files import TokenizerFiles
-from splitserve.worker.vllm_disagg import (ConnectorEngine, ConnectorKVPort,
-                                           ConnectorRemotePrefill, add_prefill_route)
+from splitserve.worker.vllm_disagg import ConnectorEngine, ConnectorKVPort, add_prefill_route
 from splitserve.worker.vllm_kv_transfer import ConnectorReports
+from splitserve.worker.vllm_remote_prefill import ConnectorRemotePrefill
 
 logger = logging.getLogger(__name__)
 

@@ -16,21 +16,21 @@ prefill worker (PrefillTarget). For one request, with one fresh transfer id X:
 
 A transfer that fails is vLLM's kv_load_failure_policy's (vllm_kv_transfer.py): recompute
 the blocks that did not arrive (a counted fallback: splitserve_kv_transfer_fallbacks_total
-by reason) or fail. A prefill worker that refuses the POST is only logged here: the
-decode side's transfer then ends by itself (P's KV server says no such request arrived
-within its lease) and is counted as any other fallback.
+by reason) or fail. A prefill worker that refuses the POST is a fallback `refused` at
+once (vllm_remote_prefill.py): the decode side does not wait for the transfer to time out.
+
+This module: the prefill side (POST /prefill, the KV port) and the seam both sides use;
+the decode side is vllm_remote_prefill.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -38,12 +38,9 @@ from fastapi.responses import Response
 from splitserve.disconnect import unless_disconnected
 from splitserve.engine.types import RequestOutput, SamplingParams
 from splitserve.worker import protocol as p
-from splitserve.worker.auth import bearer
 from splitserve.worker.config import WorkerConfig
 from splitserve.worker.engine_api import (CapacityError, EngineDeadError, EngineState,
                                           RequestError, RequestFailed, WorkerEngine)
-from splitserve.worker.prefill_peers import PrefillPeers
-from splitserve.worker.remote_prefill import TransferFailed
 from splitserve.worker.vllm_kv_transfer import ConnectorReports, ConnectorSettings
 
 logger = logging.getLogger(__name__)
@@ -147,110 +144,3 @@ async def _drain(outputs: AsyncIterator[RequestOutput]) -> None:
 
 def _reply(status: int, msg: msgspec.Struct) -> Response:
     return Response(p.encode(msg), status_code=status, media_type="application/json")
-
-
-class ConnectorTransferFailed(TransferFailed):
-    """The decode side's vLLM ended the request with an error before its first token,
-    under --kv-fallback fail (kv_load_failure_policy fail): its KV transfer failed."""
-
-    def __init__(self, request_id: str, prefill_worker: str, reason: str):
-        RuntimeError.__init__(
-            self, f"KV transfer for request {request_id} from prefill worker {prefill_worker} "
-                  f"failed ({reason}); fallback policy is 'fail' (the decode worker's log "
-                  f"names the transfer's outcome)")
-        self.result = None
-
-
-class ConnectorRemotePrefill:
-    """The decode side (remote_prefill.RemotePrefill's run and close) for a vLLM decode
-    worker. Its transfers are counted by the connector, in vLLM's processes."""
-
-    def __init__(self, engine: ConnectorEngine, config: WorkerConfig, peers: PrefillPeers):
-        self.engine = engine
-        self.config = config
-        self.peers = peers
-        # No read timeout: P answers when its prefill is done, which may take a queue's
-        # wait; D's own transfer has the stall/busy timeouts, and D's end cancels this.
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(
-            None, connect=config.transfer.connect_timeout))
-        self._tasks: set[asyncio.Task] = set()
-
-    def close(self) -> None:
-        """At shutdown: prefills still posted are cancelled (their connections close with
-        the process)."""
-        for task in list(self._tasks):
-            task.cancel()
-
-    async def run(self, request_id: str, prompt: list[int], params: SamplingParams,
-                  target: p.PrefillTarget) -> AsyncIterator[RequestOutput]:
-        record = await self.peers.record(request_id, target)
-        tid = f"{request_id}.{uuid.uuid4().hex[:8]}"
-        order = PrefillOrder(request_id, tid, list(prompt))
-        post = asyncio.create_task(self._post(record.api_url, order, target.worker_id))
-        self._tasks.add(post)
-        post.add_done_callback(self._tasks.discard)
-        kv_params = {"do_remote_prefill": True, "transfer_id": tid,
-                     "remote_host": record.kv_host, "remote_port": record.kv_port}
-        logger.info("request_id=%s transfer %s: prefill on %s, KV from %s:%d", request_id, tid,
-                    target.worker_id, record.kv_host, record.kv_port)
-        try:
-            outputs = await self.engine.add(request_id, prompt, params, kv_params)
-        except BaseException:
-            post.cancel()
-            raise
-        # The first output exists once the KV is in place or vLLM fell back.
-        try:
-            first: RequestOutput | RequestFailed = await anext(outputs)
-        except RequestFailed as e:
-            if self.config.kv_fallback == "fail":
-                post.cancel()
-                logger.warning("request_id=%s transfer %s failed; fallback policy 'fail': "
-                               "request refused", request_id, tid)
-                raise ConnectorTransferFailed(request_id, target.worker_id, str(e)) from e
-            first = e           # not the transfer's doing (vLLM recomputes those): say so
-        except BaseException:        # the caller left (cancelled), or the engine died
-            post.cancel()
-            raise
-        return _stream(first, outputs, post, lambda: self._transferred(tid))
-
-    def _transferred(self, tid: str) -> int:
-        reports = self.engine.reports
-        return reports.transferred_tokens(tid) if reports is not None else 0
-
-    async def _post(self, api_url: str, order: PrefillOrder, worker_id: str) -> None:
-        try:
-            resp = await self._http.post(f"{api_url}/prefill", content=msgspec.json.encode(order),
-                                         headers={"content-type": "application/json",
-                                                  **bearer(self.config.transfer.secret)})
-        except httpx.HTTPError as e:
-            logger.warning("request_id=%s transfer %s: prefill worker %s unreachable (%r); the "
-                           "KV transfer falls back unless it arrives", order.request_id,
-                           order.transfer_id, worker_id, e)
-            return
-        if resp.status_code != 200:
-            logger.warning("request_id=%s transfer %s: prefill worker %s answered %d: %s; the "
-                           "KV transfer falls back unless it arrives", order.request_id,
-                           order.transfer_id, worker_id, resp.status_code, resp.text[:300])
-
-
-def _counted(out: RequestOutput, transferred: Callable[[], int]) -> RequestOutput:
-    if out.finished:
-        out.num_transferred_tokens = transferred()
-    return out
-
-
-async def _stream(first: RequestOutput | RequestFailed, outputs: AsyncIterator[RequestOutput],
-                  post: asyncio.Task, transferred: Callable[[], int]) -> AsyncIterator[RequestOutput]:
-    """The decode side's outputs; the final one says how many prompt tokens' KV arrived
-    (the connector reported it before the request's first output, see ConnectorReports)."""
-    try:
-        if isinstance(first, RequestFailed):
-            raise first
-        yield _counted(first, transferred)
-        async for out in outputs:
-            yield _counted(out, transferred)
-    finally:
-        # D's request is over: P's part is done (D had its KV) or useless (D fell back);
-        # a prefill still running on P is aborted by the closed connection.
-        post.cancel()
-        await outputs.aclose()

@@ -77,6 +77,9 @@ class VllmEngine(WorkerEngine, ConnectorEngine):
         # Request id -> its prompt tokens not computed yet (0 from its first output on).
         # Event loop only.
         self._live: dict[str, int] = {}
+        # Request id -> vLLM's abort of it, while under way: an id added again (a decode
+        # worker computing a refused prefill itself) waits for it. Event loop only.
+        self._aborting: dict[str, asyncio.Task] = {}
         self._translator: VllmKVTranslator | None = None
         self._listener = VllmKVEventListener(self._on_vllm_events, self._on_events_lost)
         # NOTE: held while a batch of events is translated and handed to on_kv_events, and
@@ -116,6 +119,8 @@ class VllmEngine(WorkerEngine, ConnectorEngine):
                   kv_transfer_params: dict[str, Any] | None = None) -> AsyncIterator[RequestOutput]:
         """kv_transfer_params: the connector's per-request instructions (vllm_disagg.py)."""
         llm = self._ready()
+        if request_id in self._aborting:
+            await asyncio.shield(self._aborting[request_id])
         if request_id in self._live:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
@@ -172,7 +177,10 @@ class VllmEngine(WorkerEngine, ConnectorEngine):
         # A stream never iterated has no finally to do it: its prompt is no longer pending.
         self._live.pop(request_id, None)
         if self._llm is not None and not self._stopping:
-            self._spawn(self._llm.abort(request_id))
+            task = self._spawn(self._llm.abort(request_id))
+            self._aborting[request_id] = task
+            task.add_done_callback(lambda t: self._aborting.pop(request_id, None)
+                                   if self._aborting.get(request_id) is t else None)
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int],
                       params: SamplingParams) -> list[int]:
@@ -291,10 +299,11 @@ class VllmEngine(WorkerEngine, ConnectorEngine):
             raise EngineDeadError(f"engine is {self.state.value}")
         return self._llm
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
         task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _fingerprint(self, llm: Any) -> dict[str, str]:
         """What this worker's KV means (what a KV hand-off between two vLLM workers must
