@@ -26,7 +26,7 @@ from procs import spawn
 from splitserve.cli.main import main
 from splitserve.worker import protocol as p
 from splitserve.worker.auth import bearer
-from workers import WorkerProc, generate
+from workers import WorkerProc, generate, listed
 
 SECRET = "doctor-test-secret"
 MAX_LEN = "512"
@@ -103,15 +103,6 @@ def doctor(capsys, *argv: str, bandwidth_mb: int = 0) -> tuple[int, dict]:
 
 def failed(report: dict) -> list[tuple[str, str]]:
     return [(c["id"], c["subject"]) for c in report["checks"] if c["status"] == "fail"]
-
-
-def listed(discovery: Path, worker_id: str) -> bool:
-    """Its record is in discovery, ready: a prefill worker's first records (written while
-    it loads) carry no KV address yet."""
-    try:
-        return json.loads((discovery / f"{worker_id}.json").read_text())["state"] == "ready"
-    except (OSError, ValueError):
-        return False
 
 
 def test_healthy_deployment_is_all_green(deployment, capsys):

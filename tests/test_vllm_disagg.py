@@ -11,6 +11,7 @@ vLLM takes a minute or more to start on a loaded 2-core machine: one serve per m
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -18,6 +19,7 @@ import openai
 import pytest
 
 from golden import hf_greedy
+from splitserve.cli.main import main
 from procs import metric_value
 from vllm_pd import (MODEL, STORY, generate, kill_prefill_mid_transfer, prefill_target,
                      vllm_pd_server, wait_all_free, wait_for)
@@ -116,6 +118,23 @@ def test_seeded_sampling_is_the_decode_workers_and_repeats(client, server):
         return out.choices[0].text
 
     assert sampled() == sampled()
+    _all_free(server)
+
+
+def test_doctor_probes_the_vllm_workers_kv_session_and_bandwidth(server, capsys):
+    """The handshake from the decode worker's vLLM rank to the prefill worker's, with the
+    fingerprint its connector wrote, and a bandwidth probe of blocks of its size."""
+    rc = main(["doctor", "--frontend", server.base_url, "--bandwidth-mb", "16", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert rc == 0 and report["ok"], [(c["title"], c.get("details")) for c in report["checks"]
+                                      if c["status"] != "ok"]
+    by_id: dict[str, list[dict]] = {}
+    for c in report["checks"]:
+        by_id.setdefault(c["id"], []).append(c)
+    [session] = by_id["kv_session"]
+    assert session["probe"]["outcome"] == "ok", session
+    [bw] = by_id["bandwidth"]
+    assert bw["bandwidth"]["bytes"] >= 15 << 20 and bw["bandwidth"]["bytes_per_s"] > 0
     _all_free(server)
 
 

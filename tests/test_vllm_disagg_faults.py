@@ -22,7 +22,7 @@ from procs import metric_value
 from vllm_pd import (MODEL, SERVE_ARGS, STORY, descendants, generate, kill_prefill_mid_transfer,
                      kill_tree, prefill_target, vllm_pd_server, wait_all_free,
                      wait_first_blocks_sent, wait_for, wait_restarted, worker_pid)
-from workers import start_worker
+from workers import listed, start_worker
 
 # Slow (a vLLM 1P+1D serve plus restarts: minutes on 2 cores): run by `make test-slow`, which CI runs too.
 pytestmark = pytest.mark.slow
@@ -31,8 +31,13 @@ pytest.importorskip("vllm")
 
 
 @pytest.fixture(scope="module")
-def discovery(tmp_path_factory):
-    return f"file:{tmp_path_factory.mktemp('discovery')}"
+def discovery_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("discovery")
+
+
+@pytest.fixture(scope="module")
+def discovery(discovery_dir):
+    return f"file:{discovery_dir}"
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +51,8 @@ def _decode_metric(server, name: str, **labels) -> float:
     return metric_value(f"{server.worker_url}/metrics", name, **labels)
 
 
-def test_a_prefill_worker_with_another_block_size_is_refused_naming_both(server, discovery,
-                                                                         smollm2_dir, tmp_path):
+def test_a_prefill_worker_with_another_block_size_is_refused_naming_both(
+        server, discovery, discovery_dir, smollm2_dir, tmp_path):
     # The engine flags of serve's workers, but blocks of 64 tokens (serve's are 32), and
     # steps of as many (vLLM's minimum).
     flags = [a for a in SERVE_ARGS if a != "--served-model-name" and a != MODEL]
@@ -58,6 +63,8 @@ def test_a_prefill_worker_with_another_block_size_is_refused_naming_both(server,
                        timeout=900)
     odd_processes = descendants(odd.process.pid)
     try:
+        # Its port file comes first; its record with the KV address just after.
+        wait_for(lambda: listed(discovery_dir, "odd-prefill"), "odd-prefill in discovery")
         fallbacks0 = _decode_metric(server, "splitserve_kv_transfer_fallbacks_total")
         target = {"worker_id": "odd-prefill", "kv_host": odd.info.kv_host,
                   "kv_port": odd.info.kv_port}
@@ -71,6 +78,10 @@ def test_a_prefill_worker_with_another_block_size_is_refused_naming_both(server,
         (line,) = [ln for ln in server.log().splitlines()
                    if re.search(r"request_id=mismatch\S* transfer \S+: KV load failed \(mismatch\)", ln)]
         assert "decode has" in line and "prefill has" in line and "64" in line and "32" in line
+        # doctor's session probe names the same, from the decode worker's vLLM rank.
+        probe = httpx.post(f"{server.worker_url}/doctor/kv_session", json=target,
+                           timeout=60).json()
+        assert probe["outcome"] == "mismatch" and "kv_block_size" in probe["reason"], probe
         wait_all_free(server.worker_url, odd.url)      # odd's lease (10 s) frees its blocks
     finally:
         odd.stop()
@@ -78,8 +89,8 @@ def test_a_prefill_worker_with_another_block_size_is_refused_naming_both(server,
                  "the odd prefill worker's vLLM processes to exit", timeout=60)
 
 
-def test_a_prefill_worker_refusing_the_prompt_is_a_502_at_once(server, discovery, smollm2_dir,
-                                                               tmp_path):
+def test_a_prefill_worker_refusing_the_prompt_is_a_502_at_once(server, discovery, discovery_dir,
+                                                               smollm2_dir, tmp_path):
     """Its /prefill answers 400 (the prompt is longer than its --max-model-len): the decode
     worker stops waiting for KV that will never come, long before the prefill worker's
     lease (10 s) would say so; a fallback `refused`, counted and in /incidents."""
@@ -90,6 +101,7 @@ def test_a_prefill_worker_refusing_the_prompt_is_a_502_at_once(server, discovery
                          name="short-prefill", timeout=900)
     short_processes = descendants(short.process.pid)
     try:
+        wait_for(lambda: listed(discovery_dir, "short-prefill"), "short-prefill in discovery")
         target = {"worker_id": "short-prefill", "kv_host": short.info.kv_host,
                   "kv_port": short.info.kv_port}
         status, _, body = generate(server.worker_url, "too-long", [100 + i for i in range(600)],

@@ -3,6 +3,7 @@ of the disaggregated path below the frontend."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -85,6 +86,15 @@ def start_worker(role: str, model_dir: Path, workdir: Path, *extra: str, name: s
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
+
+
+def listed(discovery: Path, worker_id: str) -> bool:
+    """Its record is in file discovery `discovery`, ready: a prefill worker's first records
+    (written while it loads, before its port file) carry no KV address yet."""
+    try:
+        return json.loads((discovery / f"{worker_id}.json").read_text())["state"] == "ready"
+    except (OSError, ValueError):
+        return False
 
 
 def generate(d: WorkerProc, request_id: str, prompt: list[int], max_tokens: int,

@@ -6,8 +6,9 @@
 
 `kv_port` / `kv_host`: where the prefill side's KV server listens (tensor-parallel rank r
 on kv_port + r, so P rank r serves D rank r); `host_staging`: move KV through a host
-mirror even when it is in CPU memory (always so for KV on a GPU: staging.py); every other
-key is a field of the transfer library's `TransferConfig` (stall_timeout, busy_timeout,
+mirror even when it is in CPU memory (always so for KV on a GPU: staging.py); `state_dir`:
+where each rank writes what its KV is (rank{r}.json: the fingerprint, the bytes of a block,
+the dtype) for a splitserve worker's doctor probes; every other key is a field of the transfer library's `TransferConfig` (stall_timeout, busy_timeout,
 lease, transport, secret, ...).
 The secret defaults to $SPLITSERVE_KV_SECRET so it never has to sit on a command line.
 """
@@ -32,6 +33,7 @@ class ConnectorConfig:
     kv_port: int = DEFAULT_KV_PORT     # P: rank r listens on kv_port + r
     kv_host: str = "127.0.0.1"         # P: bind address (0.0.0.0 for peers on other hosts)
     host_staging: bool = False         # CPU KV through the host mirror too (GPU KV always)
+    state_dir: str = ""                # each rank's rank{r}.json (none when empty)
     transfer: TransferConfig = field(default_factory=TransferConfig)
 
     def __post_init__(self) -> None:
@@ -42,10 +44,12 @@ class ConnectorConfig:
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any]) -> "ConnectorConfig":
-        unknown = set(extra) - _TRANSFER_FIELDS - {"kv_port", "kv_host", "host_staging"}
+        unknown = set(extra) - _TRANSFER_FIELDS - {"kv_port", "kv_host", "host_staging",
+                                                   "state_dir"}
         if unknown:
             raise ConfigError(f"SplitserveConnector: unknown kv_connector_extra_config keys "
                               f"{sorted(unknown)}; known: kv_port, kv_host, host_staging, "
+                              f"state_dir, "
                               f"{', '.join(sorted(_TRANSFER_FIELDS))}")
         staging = extra.get("host_staging", False)
         if not isinstance(staging, bool):
@@ -55,4 +59,5 @@ class ConnectorConfig:
         transfer.setdefault("secret", os.environ.get(SECRET_ENV) or None)
         return cls(kv_port=int(extra.get("kv_port", DEFAULT_KV_PORT)),
                    kv_host=str(extra.get("kv_host", "127.0.0.1")), host_staging=staging,
+                   state_dir=str(extra.get("state_dir", "")),
                    transfer=TransferConfig(**transfer))

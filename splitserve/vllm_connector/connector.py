@@ -100,6 +100,9 @@ class SplitserveConnector(KVConnectorBase_V1):
             self._consumer = Consumer(blocks, cfg.transfer, fp, self.stats, tp_rank,
                                       tc.kv_load_failure_policy,
                                       on_loaded=staging.to_device if staging else None)
+        if cfg.state_dir:
+            _write_rank_state(cfg.state_dir, tp_rank, fp, blocks.block_nbytes,
+                              next(iter(kv_caches.values())).dtype)
         log.info("splitserve KV connector (%s) on TP rank %d: %d layers as %d planes, %d blocks "
                  "of %d tokens (%d bytes each)%s%s", tc.kv_role, tp_rank, len(kv_caches),
                  len(blocks.planes), blocks.num_blocks, self.block_size, blocks.block_nbytes,
@@ -229,6 +232,17 @@ def _ensure_logging() -> None:
         "%m-%d %H:%M:%S"))
     ours.addHandler(handler)
     ours.setLevel(logging.INFO)
+
+
+def _write_rank_state(state_dir: str, tp_rank: int, fingerprint: dict[str, str],
+                      block_nbytes: int, dtype: torch.dtype) -> None:
+    """What this rank's KV is, for the worker's doctor probes (its API process has no KV):
+    written whole, then renamed, so a reader never sees half of it."""
+    path = os.path.join(state_dir, f"rank{tp_rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"fingerprint": fingerprint, "block_nbytes": block_nbytes,
+                   "dtype": str(dtype).removeprefix("torch.")}, f)
+    os.replace(path + ".tmp", path)
 
 
 def _model_identity(vllm_config: "VllmConfig") -> dict[str, str]:

@@ -56,6 +56,11 @@ class ConnectorEngine(ABC):
     reports: ConnectorReports | None
 
     @abstractmethod
+    def kv_ranks(self) -> list[dict[str, Any]]:
+        """Each TP rank's KV as its connector describes it (read_rank_states), once every
+        rank registered its KV; [] before."""
+
+    @abstractmethod
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                   kv_transfer_params: dict[str, Any] | None = None) -> AsyncIterator[RequestOutput]:
         """WorkerEngine.add, with the connector's per-request instructions."""

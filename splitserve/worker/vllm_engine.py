@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -42,7 +43,8 @@ from splitserve.worker.engine_api import (
     RequestFailed, WorkerEngine)
 from splitserve.worker.vllm_disagg import ConnectorEngine
 from splitserve.worker.vllm_kv_listener import VllmKVEventListener
-from splitserve.worker.vllm_kv_transfer import ConnectorReports, ConnectorSettings
+from splitserve.worker.vllm_kv_transfer import (ConnectorReports, ConnectorSettings,
+                                               read_rank_states)
 from splitserve.worker.vllm_kv_translate import VllmKVTranslator
 from splitserve.worker.vllm_model import eos_token_ids, local_dir, model_argument, model_name
 from splitserve.worker.vllm_options import VllmOptions, cpu_thread_env, engine_kwargs, fit_platform
@@ -80,6 +82,9 @@ class VllmEngine(WorkerEngine, ConnectorEngine):
         # Request id -> vLLM's abort of it, while under way: an id added again (a decode
         # worker computing a refused prefill itself) waits for it. Event loop only.
         self._aborting: dict[str, asyncio.Task] = {}
+        # Where the connector's ranks describe their KV (doctor's probes); removed with
+        # the engine object.
+        self._state_dir = tempfile.TemporaryDirectory(prefix="splitserve-vllm-kv-")
         self._translator: VllmKVTranslator | None = None
         self._listener = VllmKVEventListener(self._on_vllm_events, self._on_events_lost)
         # NOTE: held while a batch of events is translated and handed to on_kv_events, and
@@ -106,8 +111,13 @@ class VllmEngine(WorkerEngine, ConnectorEngine):
         return self._info
 
     def kv_memory(self) -> KVMemory | None:
-        """None: vLLM's KV cache lives in its own worker processes."""
+        """None: vLLM's KV cache lives in its own worker processes (kv_ranks says what
+        it is)."""
         return None
+
+    def kv_ranks(self) -> list[dict[str, Any]]:
+        ranks = read_rank_states(self._state_dir.name)
+        return ranks if len(ranks) == self._options.tensor_parallel_size else []
 
     def stats(self) -> EngineStats | None:
         if self._stats is None:
@@ -252,7 +262,8 @@ class VllmEngine(WorkerEngine, ConnectorEngine):
                               current_platform.is_cpu())
         if self.connector is not None:
             from vllm.config import KVTransferConfig
-            kwargs["kv_transfer_config"] = KVTransferConfig(**self.connector.kv_transfer_config())
+            kwargs["kv_transfer_config"] = KVTransferConfig(
+                **self.connector.kv_transfer_config(self._state_dir.name))
             if self.connector.transfer.secret is not None:
                 # vLLM's processes inherit it; its logged config never holds it.
                 os.environ[SECRET_ENV] = self.connector.transfer.secret

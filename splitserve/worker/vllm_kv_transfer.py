@@ -13,6 +13,8 @@ Nothing here imports vLLM.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import socket
 from collections import OrderedDict
 from collections.abc import Callable
@@ -52,9 +54,12 @@ class ConnectorSettings:
             raise ConfigError(f"a vLLM prefill worker needs a KV port in 1..65535, got "
                               f"{self.kv_port!r}")
 
-    def kv_transfer_config(self) -> dict[str, Any]:
-        """vLLM's KVTransferConfig fields for this worker."""
+    def kv_transfer_config(self, state_dir: str = "") -> dict[str, Any]:
+        """vLLM's KVTransferConfig fields for this worker; state_dir: where the connector's
+        ranks say what their KV is (read_rank_states)."""
         extra = {k: v for k, v in dataclasses.asdict(self.transfer).items() if k != "secret"}
+        if state_dir:
+            extra["state_dir"] = state_dir
         if self.role == "prefill":
             extra.update(kv_port=self.kv_port, kv_host=self.kv_host)
         return {"kv_connector": "SplitserveConnector",
@@ -133,3 +138,15 @@ class ConnectorReports:
         """The prompt tokens whose KV arrived for transfer_id (0 if no load reported);
         forgotten once read."""
         return self._tokens.pop(transfer_id, 0)
+
+
+def read_rank_states(state_dir: str) -> list[dict[str, Any]]:
+    """What each TP rank's connector wrote when vLLM registered its KV, {"fingerprint",
+    "block_nbytes", "dtype"}: rank 0 first, up to the first rank that has written none."""
+    out: list[dict[str, Any]] = []
+    while True:
+        try:
+            with open(os.path.join(state_dir, f"rank{len(out)}.json")) as f:
+                out.append(json.load(f))
+        except FileNotFoundError:
+            return out
