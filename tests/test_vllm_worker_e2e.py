@@ -163,34 +163,30 @@ def test_invalid_requests_are_400(client, server):
     assert resp.status_code == 400 and "out of vocabulary" in resp.json()["message"]
 
 
-def test_a_caller_leaving_mid_stream_aborts_the_request_in_vllm(server):
-    # Straight to the worker: the caller (a frontend) closes its stream after two chunks.
-    body = {"request_id": "leaver", "prompt_token_ids": [100] * 20,
+def _leave_mid_stream(server, request_id: str, prompt: list[int]) -> None:
+    """Straight to the worker: the caller (a frontend) closes its stream after two chunks;
+    returns once the worker logged the abort."""
+    body = {"request_id": request_id, "prompt_token_ids": prompt,
             "sampling": {"max_tokens": 400, "temperature": 0, "ignore_eos": True}}
     with httpx.stream("POST", f"{server.worker_url}/generate", json=body, timeout=60) as resp:
         for i, _ in enumerate(resp.iter_lines()):
             if i == 1:
                 break
-    assert _wait_idle(server.worker_url) == (0, 0)
     deadline = time.monotonic() + 10
-    while "request_id=leaver aborted by its caller" not in server.log():
+    while f"request_id={request_id} aborted by its caller" not in server.log():
         assert time.monotonic() < deadline, "the worker did not abort the request"
-        time.sleep(0.1)
+        time.sleep(0.01)
+
+
+def test_a_caller_leaving_mid_stream_aborts_the_request_in_vllm(server):
+    _leave_mid_stream(server, "leaver", [100] * 20)
+    assert _wait_idle(server.worker_url) == (0, 0)
 
 
 def test_a_request_id_used_again_right_after_its_abort_gets_a_whole_answer(server):
     """vLLM's abort of the first runs while the second is added: it must not hit the
     second (a vLLM decode worker re-adds a request whose prefill worker refused it)."""
-    body = {"request_id": "again", "prompt_token_ids": [101] * 20,
-            "sampling": {"max_tokens": 400, "temperature": 0, "ignore_eos": True}}
-    with httpx.stream("POST", f"{server.worker_url}/generate", json=body, timeout=60) as resp:
-        for i, _ in enumerate(resp.iter_lines()):
-            if i == 1:
-                break
-    deadline = time.monotonic() + 10
-    while "request_id=again aborted by its caller" not in server.log():
-        assert time.monotonic() < deadline, "the worker did not abort the request"
-        time.sleep(0.01)
+    _leave_mid_stream(server, "again", [101] * 20)
     chunks = _generate(server.worker_url, "again", [101] * 20, max_tokens=8, temperature=0,
                        ignore_eos=True)
     assert sum(len(c.get("new_token_ids", [])) for c in chunks) == 8
