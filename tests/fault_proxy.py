@@ -4,11 +4,13 @@
         proxy.reset_after(100_000, times=3)   # next 3 connections: RST after 100 kB downstream
         proxy.flip_byte(50_000)               # once: invert one downstream byte at that offset
         proxy.stall(True)                     # hold all bytes until stall(False)
+        proxy.hold_after(16 << 20)            # pass 16 MB downstream, then stall (proxy.held)
         client connects to proxy.address
 
 "Downstream" is server -> client (for KV: P -> D, the payload direction). Offsets count
 bytes per connection. Resets are real RSTs (SO_LINGER 0) on both sides, which is what
-`Connection reset by peer` looks like in production.
+`Connection reset by peer` looks like in production. A connection to a target that is
+gone (refused) is reset at once, as a direct connection would be refused.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class FaultProxy:
         self._reset_at: int | None = None
         self._resets_left = 0
         self._flip_at: int | None = None
+        self._hold_at: int | None = None
+        self.held = threading.Event()     # a hold_after began holding
         self._socks: list[socket.socket] = []
         self._closed = False
         self.connections = 0
@@ -50,6 +54,13 @@ class FaultProxy:
         with self._lock:
             self._flip_at = offset
 
+    def hold_after(self, nbytes: int) -> None:
+        """The next connection passes `nbytes` downstream, then holds the rest (as
+        stall(True)) until stall(False); `held` is set when it starts holding."""
+        with self._lock:
+            self._hold_at = nbytes
+        self.held.clear()
+
     def stall(self, on: bool) -> None:
         if on:
             self._flowing.clear()
@@ -66,9 +77,13 @@ class FaultProxy:
         while not self._closed:
             try:
                 client, _ = self._lsock.accept()
-                server = socket.create_connection(self.target)
             except OSError:
                 return
+            try:
+                server = socket.create_connection(self.target)
+            except OSError:
+                _hard_close(client)
+                continue
             with self._lock:
                 self.connections += 1
                 reset_at = None
@@ -93,6 +108,8 @@ class FaultProxy:
                     return
                 self._flowing.wait()
                 if downstream:
+                    sent = self._hold(dst, data, offset)
+                    data, offset = data[sent:], offset + sent
                     data = self._flip(data, offset)
                     if reset_at is not None and offset + len(data) >= reset_at:
                         dst.sendall(data[:reset_at - offset])
@@ -106,6 +123,21 @@ class FaultProxy:
         except OSError:
             for s in pair:
                 _hard_close(s)
+
+    def _hold(self, dst: socket.socket, data: bytearray, offset: int) -> int:
+        """Past a hold_after's offset: send what comes before it, stall until released;
+        returns how many bytes of `data` it sent (0: no hold here)."""
+        with self._lock:
+            at = self._hold_at
+            if at is None or offset + len(data) <= at:
+                return 0
+            self._hold_at = None
+        cut = max(0, at - offset)
+        dst.sendall(data[:cut])
+        self._flowing.clear()
+        self.held.set()
+        self._flowing.wait()
+        return cut
 
     def _flip(self, data: bytearray, offset: int) -> bytearray:
         with self._lock:

@@ -249,18 +249,22 @@ def test_prefill_lease_expires_when_no_decode_comes(pair):
 
 
 def test_prefill_killed_mid_transfer_recomputes_only_what_did_not_arrive(pair):
-    """Last in the module: it kills the prefill server."""
+    """Last in the module: it kills the prefill server. The KV goes through a proxy that
+    passes 16 MB (about 10 of the prompt's 53 blocks) and then holds the rest: P dies
+    mid-transfer whatever the machine's speed (it cannot send the 78 MB past the socket
+    buffers meanwhile); released, the proxy passes what P had sent, then P's end."""
     prompt = "A very long night. " + STORY * 40                  # ~1700 tokens, 50+ steps on P
     want = _tokens(_complete(pair["p"], prompt))
-    sent0 = _kv(pair, "p", "splitserve_kv_transfer_bytes_total", direction="sent")
     fallbacks0 = _kv(pair, "d", "splitserve_kv_transfer_fallbacks_total")
-    with ThreadPoolExecutor(1) as ex:
-        decode = ex.submit(_pair_request_tolerating_p_death, pair, prompt)
-        # P's first frames are out (P counts them per step): P dies mid-prefill.
-        _wait(lambda: _kv(pair, "p", "splitserve_kv_transfer_bytes_total", direction="sent") > sent0,
-              "the first blocks to leave the prefill server", timeout=120)
+    with FaultProxy(("127.0.0.1", pair["kv_port"])) as fp, ThreadPoolExecutor(1) as ex:
+        fp.hold_after(16 << 20)
+        decode = ex.submit(_pair_request_tolerating_p_death, pair, prompt, fp.address[1])
+        _wait(fp.held.is_set, "the proxy to hold the rest of the KV", timeout=300)
         os.killpg(pair["p_proc"].pid, signal.SIGKILL)
+        fp.stall(False)
         assert _tokens(decode.result()) == want
+    _wait(lambda: _kv(pair, "d", "splitserve_kv_transfer_fallbacks_total") > fallbacks0,
+          "the decode server to count the fallback")
     assert _kv(pair, "d", "splitserve_kv_transfer_fallbacks_total") == fallbacks0 + 1
     m = re.findall(r"KV load failed \((\w+)\).*recomputing the (\d+) blocks that did not "
                    r"arrive, reusing (\d+) verified", pair["d_log"].read_text())
@@ -269,12 +273,12 @@ def test_prefill_killed_mid_transfer_recomputes_only_what_did_not_arrive(pair):
           "the decode server to free every KV block")
 
 
-def _pair_request_tolerating_p_death(pair, prompt: str) -> dict:
+def _pair_request_tolerating_p_death(pair, prompt: str, kv_port: int) -> dict:
     tid = f"t-{uuid.uuid4().hex[:12]}"
     with ThreadPoolExecutor(1) as ex:
         p = ex.submit(_complete, pair["p"], prompt, {"do_remote_decode": True, "transfer_id": tid}, 1)
         d = _complete(pair["d"], prompt, {"do_remote_prefill": True, "transfer_id": tid,
-                                          "remote_host": "127.0.0.1", "remote_port": pair["kv_port"]})
+                                          "remote_host": "127.0.0.1", "remote_port": kv_port})
         try:
             p.result()
         except (httpx.HTTPError, AssertionError):
