@@ -7,9 +7,10 @@
 `kv_port` / `kv_host`: where the prefill side's KV server listens (tensor-parallel rank r
 on kv_port + r, so P rank r serves D rank r); `host_staging`: move KV through a host
 mirror even when it is in CPU memory (always so for KV on a GPU: staging.py); `state_dir`:
-where each rank writes what its KV is (rank{r}.json: the fingerprint, the bytes of a block,
-the dtype) for a splitserve worker's doctor probes; every other key is a field of the transfer library's `TransferConfig` (stall_timeout, busy_timeout,
-lease, transport, secret, ...).
+where each rank writes what its KV is (rank{r}.json: the fingerprint, the bytes of a
+block, the dtype) for a splitserve worker's doctor probes; every other key is a field of
+the transfer library's `TransferConfig` (stall_timeout, busy_timeout, lease, transport,
+secret, ...).
 The secret defaults to $SPLITSERVE_KV_SECRET so it never has to sit on a command line.
 """
 
