@@ -94,7 +94,9 @@ class ConnectorRemotePrefill:
             if refusal is not None:
                 first_output.cancel()       # closes the stream: vLLM aborts the request
                 await asyncio.wait({first_output})
-                return await self._refused(request_id, prompt, params, target, tid, refusal)
+                if first_output.cancelled():    # else the first output came after all
+                    return await self._refused(request_id, prompt, params, target, tid,
+                                               refusal)
             first: RequestOutput | RequestFailed = await first_output
         except RequestFailed as e:
             if self.config.kv_fallback == "fail":
