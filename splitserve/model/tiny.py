@@ -18,9 +18,11 @@ def _write_byte_tokenizer(path: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # Token id = byte value. (ByteLevel.alphabet() is a set: its order, and so every id,
+    # changed with each process's string hashing, and with them every tiny model's output.)
+    vocab = {ch: b for b, ch in enumerate(_byte_level_chars())}
+    assert set(vocab) == set(pre_tokenizers.ByteLevel.alphabet())
     specials = ["<|begin|>", "<|end|>", "<|user|>", "<|assistant|>"]
-    vocab = dict(sorted(byte_vocab.items(), key=lambda kv: kv[1]))
     for s in specials:
         vocab[s] = len(vocab)
     for i in range(len(vocab), VOCAB):
@@ -35,6 +37,16 @@ def _write_byte_tokenizer(path: Path) -> None:
         "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     fast.save_pretrained(path)
+
+
+def _byte_level_chars() -> list[str]:
+    """The printable character byte-level BPE writes for each byte value 0..255: bytes
+    that are printable Latin-1 stand for themselves, the others take 256, 257, … in
+    byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
 def _finish(model, path: Path, dtype: torch.dtype) -> Path:
