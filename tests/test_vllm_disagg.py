@@ -92,8 +92,9 @@ def test_openai_chat_and_completions_with_the_kv_transferred(server, client):
     assert _kv(server, "splitserve_kv_transfer_fallbacks_total") == 0
     assert _kv(server, "splitserve_kv_transfer_seconds_count") >= 4
     # The frontend's line for the request says its whole prompt's KV arrived.
-    done = re.search(r"request_id=kv-counted\S* done: .*KV of (\d+)/(\d+) prompt tokens "
-                     r"transferred", server.log())
+    line = r"request_id=kv-counted\S* done: .*KV of (\d+)/(\d+) prompt tokens transferred"
+    wait_for(lambda: re.search(line, server.log()), "the frontend's line for the request")
+    done = re.search(line, server.log())
     assert done and done[1] == done[2] == str(whole.usage.prompt_tokens), server.log()[-3000:]
     _all_free(server)
 

@@ -134,6 +134,12 @@ class ConnectorReports:
         while len(self._tokens) > _TOKENS_KEPT:
             self._tokens.popitem(last=False)
 
+    def fallback(self, reason: str, request_id: str, detail: str, peer: str) -> None:
+        """A fallback the worker decided itself (its prefill worker refused the prompt),
+        counted and recorded as the connector's are."""
+        self.stats.fallbacks[reason] += 1
+        self.stats.incident("fallback", request_id, reason, detail, peer)
+
     def transferred_tokens(self, transfer_id: str) -> int:
         """The prompt tokens whose KV arrived for transfer_id (0 if no load reported);
         forgotten once read."""

@@ -116,11 +116,10 @@ class ConnectorRemotePrefill:
                        refusal: str) -> AsyncIterator[RequestOutput]:
         policy = self.config.kv_fallback
         if self.engine.reports is not None:
-            stats = self.engine.reports.stats
-            stats.fallbacks[Outcome.REFUSED.value] += 1
-            stats.incident("fallback", request_id, Outcome.REFUSED.value,
-                           f"prefill worker refused transfer {tid}: {refusal}; policy {policy}",
-                           target.worker_id)
+            self.engine.reports.fallback(
+                Outcome.REFUSED.value, request_id,
+                f"prefill worker refused transfer {tid}: {refusal}; policy {policy}",
+                target.worker_id)
         logger.warning("request_id=%s transfer %s: prefill worker %s refused the prefill (%s); "
                        "%s", request_id, tid, target.worker_id, refusal,
                        "fallback policy 'fail': request refused" if policy == "fail"
