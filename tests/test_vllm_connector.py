@@ -32,6 +32,7 @@ import pytest
 from fault_proxy import FaultProxy
 from live_server import free_port
 from procs import metric_value, spawn
+from splitserve.bench.vllm_launch import connector_config
 from splitserve.model.registry import resolve_model
 
 # Slow (two plain vllm serve and their restarts: minutes on 2 cores): run by `make test-slow`, which CI runs too.
@@ -52,9 +53,7 @@ PROMPTS = ["Hello, my name is",
 def _vllm_serve(name: str, core: str, role: str, extra: dict, tmp: Path,
                 args: list[str]) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
-    config = {"kv_connector": "SplitserveConnector",
-              "kv_connector_module_path": "splitserve.vllm_connector", "kv_role": role,
-              "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
+    config = connector_config(role, extra)
     cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(resolve_model(None)),
            "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
            "--block-size", str(BLOCK), "--max-model-len", "2048", "--enforce-eager",

@@ -15,11 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import socket
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -27,6 +23,7 @@ import httpx
 from splitserve.bench.launch import ServeProcess
 from splitserve.bench.report import machine, median, print_table, write_json
 from splitserve.bench.serve_client import Scenario, random_prompts, run_scenario
+from splitserve.bench.vllm_launch import VllmServe
 
 SCENARIOS = {
     "c1": Scenario("1 concurrent, 256 in / 64 out", 1, 8, 256, 64),
@@ -138,7 +135,13 @@ class _target:
             self._serve = ServeProcess("--dtype", self.args.dtype, *extra)
             return self._serve.base_url
         if self.name == "vllm":
-            self._vllm = _VLLMServer(self.args.vllm, self.model_dir, self.args.dtype)
+            # Every core, vLLM's default block size, 2 GiB of KV: vLLM as its users run it.
+            fd, log = tempfile.mkstemp(prefix="vllm-bench-", suffix=".log")
+            os.close(fd)
+            self._vllm = VllmServe(str(self.model_dir), Path(log), cores=sorted(os.sched_getaffinity(0)),
+                                   args=["--dtype", self.args.dtype], executable=self.args.vllm,
+                                   block_size=None)
+            self._vllm.wait()
             return self._vllm.base_url
         raise SystemExit(f"unknown target {self.name!r} (agg, 1p1d, vllm or a --url NAME)")
 
@@ -146,40 +149,3 @@ class _target:
         for proc in (self._serve, self._vllm):
             if proc is not None:
                 proc.stop()
-
-
-class _VLLMServer:
-    """`vllm serve` (the CPU build) on a free loopback port, given every core like ours."""
-
-    def __init__(self, vllm: str, model_dir: Path, dtype: str, timeout: float = 900.0):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self._log = tempfile.NamedTemporaryFile(prefix="vllm-bench-", suffix=".log", delete=False)
-        cores = len(os.sched_getaffinity(0))
-        env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_KVCACHE_SPACE": "2"}
-        self.process = subprocess.Popen(
-            [vllm, "serve", str(model_dir), "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.base_url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                tail = Path(self._log.name).read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"vllm serve did not start:\n{tail}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass  # not listening yet: poll again until the deadline
-            time.sleep(1)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()

@@ -38,15 +38,20 @@ def connector_config(role: str, extra: dict) -> dict:
 
 
 class VllmServe:
-    """`vllm serve MODEL` on a free loopback port; started at once, `wait()` for health."""
+    """`vllm serve MODEL` on a free loopback port; started at once, `wait()` for health.
+    `executable` defaults to the `vllm` next to this Python; `block_size` None leaves
+    vLLM's own default."""
 
     def __init__(self, model: str, log_path: Path, *, cores: list[int], args: list[str] = (),
-                 kv_config: dict | None = None, kv_cache_gib: int = 2):
+                 kv_config: dict | None = None, kv_cache_gib: int = 2,
+                 executable: str | None = None, block_size: int | None = BLOCK_SIZE):
         self.log_path = log_path
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
-        cmd = [str(Path(sys.executable).parent / "vllm"), "serve", model, "--host", "127.0.0.1",
-               "--port", str(port), "--block-size", str(BLOCK_SIZE), *args]
+        cmd = [executable or str(Path(sys.executable).parent / "vllm"), "serve", model,
+               "--host", "127.0.0.1", "--port", str(port), *args]
+        if block_size is not None:
+            cmd += ["--block-size", str(block_size)]
         if kv_config is not None:
             cmd += ["--kv-transfer-config", json.dumps(kv_config)]
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cores)),
