@@ -14,6 +14,7 @@ _UNITS = {"": 1, "B": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4,
           "KI": 1024, "MI": 1024**2, "GI": 1024**3, "TI": 1024**4}
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+CPU_LINEAR = ("auto", "onednn", "torch")
 
 
 class ConfigError(ValueError):
@@ -65,6 +66,9 @@ class EngineConfig:
                                            "requests (default: derived from --model)")
     dtype: str = option("auto", choices=DTYPES, help="weights and activations dtype")
     device: str = option("cpu", help="cpu or cuda[:N]")
+    cpu_linear: str = option("auto", choices=CPU_LINEAR, help="linear layers on CPU: weights "
+                             "prepacked for oneDNN (as vLLM's CPU build does) or torch's "
+                             "F.linear; auto packs bfloat16 only, where it measured faster")
     block_size: int = option(16, help="tokens per KV cache block")
     max_model_len: int | None = option(None, type=int, help="longest sequence, prompt + output "
                                        "(default: the model's max_position_embeddings)")
@@ -82,6 +86,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.cpu_linear not in CPU_LINEAR:
+            raise ConfigError(f"cpu_linear must be one of {CPU_LINEAR}, got {self.cpu_linear!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -1,5 +1,6 @@
-"""bfloat16 models on CPU run their linear layers as prepacked oneDNN matmuls: the
-numbers must be those of the plain layers, for every row count the engine uses."""
+"""Models on CPU can run their linear layers as prepacked oneDNN matmuls (bfloat16 by
+default, float32 on request with `cpu_linear="onednn"`): the numbers must be those of the
+plain layers, for every row count the engine uses; `cpu_linear="torch"` never packs."""
 
 from __future__ import annotations
 
@@ -12,36 +13,70 @@ from splitserve.model.cpu_linear import PackedLinear, packing_supported
 from splitserve.model.loader import load_model
 from splitserve.model.tiny import make_tiny_llama
 
-pytestmark = pytest.mark.skipif(not packing_supported(torch.bfloat16, torch.device("cpu")),
+CPU = torch.device("cpu")
+needs_bf16 = pytest.mark.skipif(not packing_supported(torch.bfloat16, CPU),
                                 reason="this CPU has no oneDNN bfloat16 support")
+pytestmark = pytest.mark.skipif(not packing_supported(torch.float32, CPU),
+                                reason="this torch has no oneDNN")
+# (dtype, atol, rtol) against a float32 F.linear. float32: only the summation order
+# differs. bfloat16: both accumulate in float32 and round once, within one bf16 ulp.
+DTYPES = [pytest.param(torch.float32, 1e-5, 1e-5, id="float32"),
+          pytest.param(torch.bfloat16, 2e-2, 8e-3, id="bfloat16", marks=needs_bf16)]
 
 
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("rows", [1, 7, 16, 300])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_the_plain_one(rows, bias):
+def test_packed_linear_equals_the_plain_one(rows, bias, dtype, atol, rtol):
     g = torch.Generator().manual_seed(rows)
-    w = (torch.randn(96, 64, generator=g) * 0.1).bfloat16()
-    b = torch.randn(96, generator=g).bfloat16() if bias else None
-    x = torch.randn(rows, 64, generator=g).bfloat16()
+    w = (torch.randn(96, 64, generator=g) * 0.1).to(dtype)
+    b = torch.randn(96, generator=g).to(dtype) if bias else None
+    x = torch.randn(rows, 64, generator=g).to(dtype)
     with torch.inference_mode():
         got = PackedLinear(w, b)(x)
     want = F.linear(x.float(), w.float(), None if b is None else b.float())
-    # Both accumulate in float32 and round once to bfloat16: within one bf16 ulp.
-    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=8e-3)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol)
 
 
+def _logits(model, ids, dtype):
+    with torch.inference_mode():
+        return model.compute_logits(model.embed_tokens(ids).to(dtype))
+
+
+@needs_bf16
 def test_a_bfloat16_model_is_packed_and_keeps_its_logits(tmp_path):
     model_dir = make_tiny_llama(tmp_path, dtype=torch.bfloat16)
     packed = load_model(model_dir, dtype="bfloat16")
     plain32 = load_model(model_dir, dtype="float32")
+    assert isinstance(load_model(model_dir, dtype="bfloat16", cpu_linear="torch").layers[0].mlp.gate_up_proj,
+                      torch.nn.Linear)
     assert isinstance(packed.layers[0].mlp.gate_up_proj, PackedLinear)
     assert isinstance(packed.tied_head if packed.lm_head is None else packed.lm_head, PackedLinear)
-    # float32 keeps plain layers: packing does not make it faster.
-    assert isinstance(plain32.layers[0].mlp.gate_up_proj, torch.nn.Linear)
     ids = torch.tensor(random_prompt(24, seed=5))
-    with torch.inference_mode():
-        hidden = packed.embed_tokens(ids)
-        got = packed.compute_logits(hidden)
-        want = plain32.compute_logits(hidden.float())
     # The stated bfloat16 tolerance of the golden tests (test_model.py).
-    torch.testing.assert_close(got, want, atol=0.3, rtol=0.05)
+    torch.testing.assert_close(_logits(packed, ids, torch.bfloat16), _logits(plain32, ids, torch.float32),
+                               atol=0.3, rtol=0.05)
+
+
+def test_a_float32_model_is_packed_on_request_and_the_logits_agree(tmp_path):
+    model_dir = make_tiny_llama(tmp_path)
+    packed = load_model(model_dir, dtype="float32", cpu_linear="onednn")
+    plain = load_model(model_dir, dtype="float32")
+    assert isinstance(packed.layers[0].self_attn.qkv_proj, PackedLinear)
+    assert isinstance(packed.tied_head if packed.lm_head is None else packed.lm_head, PackedLinear)
+    assert isinstance(plain.layers[0].self_attn.qkv_proj, torch.nn.Linear)
+    assert plain.tied_head is None
+    ids = torch.tensor(random_prompt(24, seed=5))
+    positions = torch.arange(len(ids))
+
+    def causal(layer, q, k, v):
+        rep = q.shape[1] // k.shape[1]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(rep, 1).transpose(0, 1),
+                                             v.repeat_interleave(rep, 1).transpose(0, 1), is_causal=True)
+        return out.transpose(0, 1)
+
+    with torch.inference_mode():
+        got = packed.compute_logits(packed(ids, positions, causal))
+        want = plain.compute_logits(plain(ids, positions, causal))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -143,6 +143,9 @@ def test_engine_arguments_follow_our_config():
     assert "block_size" not in kw
     # ...a chosen one is passed.
     assert engine_kwargs(EngineConfig(block_size=32), VllmOptions(), "/m")["block_size"] == 32
+    # Flags of our engine alone are refused, not dropped.
+    with pytest.raises(ConfigError, match="--cpu-linear"):
+        engine_kwargs(EngineConfig(cpu_linear="torch"), VllmOptions(), "/m")
 
 
 def test_vllm_args_parse_as_json_and_cannot_override_the_workers_own():

@@ -41,7 +41,7 @@ class LLMEngine:
         self.model_name = config.served_model_name or (
             DEFAULT_MODEL_NAME if config.model is None else self.model_dir.name)
         self.max_model_len = self._max_model_len(config, self.arch)
-        model = load_model(self.model_dir, config.dtype, config.device)
+        model = load_model(self.model_dir, config.dtype, config.device, config.cpu_linear)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.layout = KVLayout.for_model(self.arch, config.block_size, dtype)
         num_blocks = self.layout.num_blocks_for(config.kv_cache_memory, self.max_model_len)

@@ -1,12 +1,13 @@
-"""Linear layers as prepacked oneDNN matmuls, for bfloat16 models on CPU.
+"""Linear layers as prepacked oneDNN matmuls on CPU.
 
-`F.linear` in bfloat16 re-lays-out its weight on every call and reaches about 17 GB/s
-streaming weights at decode batch sizes on this class of machine (Xeon with AMX); the
-same weights reordered once into oneDNN's blocked format run the AMX kernels directly:
-1.3-2.4x faster for 1-512 rows on SmolLM2's shapes (splitserve bench engine; vLLM's CPU
-build prepacks its weights for the same reason). float32 stays on `F.linear`: there the
-packed kernel was no faster at one row and only sometimes at 16, while MKL's GEMV already
-streams weights at memory bandwidth.
+`F.linear` streams the checkpoint's [out, in] weight through MKL (float32) or re-lays it
+out on every call (bfloat16). The same weights reordered once into oneDNN's blocked
+format (as vLLM's CPU build does) measured, on SmolLM2-135M with 2 threads:
+- bfloat16: the AMX kernels directly, 1.3-2.4x faster for 1-512 rows: packed by default;
+- float32: single matmuls of 16-32 rows 1.3-1.5x faster (gate_up, down, the vocabulary
+  projection), but one row pays oneDNN's per-call overhead; engine runs of 64 requests at
+  16 concurrent were even within noise (74.0-84.7 against 73.8-81.3 tok/s) and a lone
+  sequence 12-18% slower: F.linear by default, packing on request (`onednn`).
 
 A packed weight is an opaque oneDNN tensor: it can only be multiplied, never read or
 copied into, so packing happens once, after every weight is loaded.
@@ -22,9 +23,19 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+def should_pack(choice: str, dtype: torch.dtype, device: torch.device) -> bool:
+    """choice is EngineConfig.cpu_linear: auto (bfloat16 only), onednn (wherever
+    supported) or torch (never)."""
+    if choice == "torch" or not packing_supported(dtype, device):
+        return False
+    return choice == "onednn" or dtype == torch.bfloat16
+
+
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16
+                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):

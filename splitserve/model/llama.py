@@ -101,8 +101,8 @@ class CausalLM(nn.Module):
         # the loader's meta -> device materialization.
         self.lm_head = (None if config.tie_word_embeddings
                         else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
-        # Tied checkpoints on CPU in bfloat16: a prepacked copy of the embedding matrix for
-        # the vocabulary projection (see model.cpu_linear); set by the loader.
+        # Tied checkpoints on CPU with packed linears: a prepacked copy of the embedding
+        # matrix for the vocabulary projection (see model.cpu_linear); set by the loader.
         self.tied_head: nn.Module | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

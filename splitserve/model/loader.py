@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from splitserve.model.config import DTYPES, ModelArchConfig, ModelLoadError
-from splitserve.model.cpu_linear import pack_linears, packed_logits_head, packing_supported
+from splitserve.model.cpu_linear import pack_linears, packed_logits_head, should_pack
 from splitserve.model.llama import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -28,9 +28,10 @@ _INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> CausalLM:
+def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu",
+               cpu_linear: str = "auto") -> CausalLM:
     """dtype "auto" keeps the checkpoint's torch_dtype; otherwise float32 / bfloat16 /
-    float16, weights cast on load."""
+    float16, weights cast on load. cpu_linear: see model.cpu_linear.should_pack."""
     start = time.monotonic()
     path = Path(path)
     config = ModelArchConfig.from_dir(path)
@@ -45,7 +46,7 @@ def load_model(path: str | Path, dtype: str = "auto", device: str = "cpu") -> Ca
     _load_weights(model, files)
     model.requires_grad_(False).eval()
     packed = ""
-    if packing_supported(getattr(torch, dtype_name), torch.device(device)):
+    if should_pack(cpu_linear, getattr(torch, dtype_name), torch.device(device)):
         packed = f", {pack_linears(model)} linear layers oneDNN-packed"
         if model.lm_head is None:
             model.tied_head = packed_logits_head(model.embed_tokens.weight)

@@ -80,6 +80,9 @@ def engine_kwargs(config: EngineConfig, options: VllmOptions, model: str) -> dic
     default depends on its platform and attention backend (16 on CUDA; 128 on CPU, where
     only multiples of 32 work). `serve` forwards only non-default flags, so a worker sees
     --block-size exactly when the user chose one."""
+    if config.cpu_linear != defaults(EngineConfig)["cpu_linear"]:
+        raise ConfigError("--cpu-linear sets splitserve's own engine; vLLM chooses its CPU "
+                          "matmuls itself (it prepacks for oneDNN)")
     kwargs: dict[str, Any] = {
         "model": model, "dtype": config.dtype, "max_model_len": config.max_model_len,
         "max_num_seqs": config.max_num_seqs,
