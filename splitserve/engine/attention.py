@@ -45,6 +45,7 @@ class PagedAttention:
         self.k_rows = ((slot_blocks * (num_layers * 2 * bs) + slot_offsets)[None, :]
                        + (torch.arange(num_layers, device=kv.device) * (2 * bs))[:, None])
         self.decode_rows = None
+        self.decodes_only = False
         if decodes:
             self._prepare_decode(decodes)
 
@@ -58,6 +59,9 @@ class PagedAttention:
         self.decode_rows = torch.tensor([s.q_start for s in decodes], device=device)
         self.decode_tables = tables
         self.decode_lens = lens
+        # A batch of decodes only, in row order (most steps under load): the kernel's output
+        # is the layer's output as it is, no gather of q rows and no scatter back.
+        self.decodes_only = not self.prefills and all(s.q_start == i for i, s in enumerate(decodes))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache = self.kv[:, layer, 0]   # [num_blocks, block_size, H_kv, D] (strided view)
@@ -66,6 +70,8 @@ class PagedAttention:
         rows = self.k_rows[layer]
         self.flat_kv.index_copy_(0, rows, k.reshape(t, -1).to(self.flat_kv.dtype))
         self.flat_kv.index_copy_(0, rows + self.block_size, v.reshape(t, -1).to(self.flat_kv.dtype))
+        if self.decode_rows is not None and self.decodes_only:
+            return paged_decode_attention(q, k_cache, v_cache, self.decode_tables, self.decode_lens)
         out = torch.empty_like(q)
         for s in self.prefills:
             rows = slice(s.q_start, s.q_start + s.num_new)
