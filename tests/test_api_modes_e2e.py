@@ -17,6 +17,10 @@ import pytest
 from live_server import start_serve
 from workers import migration_cluster, start_worker
 
+# Slow (the same requests through three clusters, one of them killed mid-stream: minutes
+# on 2 cores): run by `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 ENGINE = ("--max-model-len", "1024", "--served-model-name", "tiny")
 LONG = {"max_tokens": 300, "extra_body": {"ignore_eos": True}}
 CHAT = [{"role": "user", "content": "Tell me about rivers."}]

@@ -26,6 +26,10 @@ from vllm_pd import (MODEL, STORY, generate, kill_prefill_mid_transfer, prefill_
 
 pytest.importorskip("vllm")
 
+# Slow (serve with a vLLM prefill and a vLLM decode worker, a kill and its restart:
+# minutes on 2 cores): run by `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -22,6 +22,10 @@ from golden import hf_greedy, hf_model
 from live_server import descendants, pid_alive, start_serve
 from splitserve.kvtypes.block_hash import extend_block_hashes
 
+# Slow (a vLLM worker under serve: a minute to start on 2 cores, minutes in all): run by
+# `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 MODEL = "smol"
 MAX_MODEL_LEN = 1024
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
