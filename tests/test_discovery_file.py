@@ -54,3 +54,37 @@ def test_readers_never_see_a_partial_record(tmp_path):
 
     asyncio.run(main())
     assert seen and all(ids == ["w"] for ids in seen)
+
+
+def test_a_heartbeat_cancelled_mid_write_does_not_bring_back_a_deregistered_worker(tmp_path):
+    # A worker shutting down cancels its refresh task, then deregisters. The cancelled
+    # update's write keeps running on the I/O thread; the record must still be gone after
+    # it lands (CI: a stopped worker's file reappeared and stayed).
+    config = FileDiscoveryConfig(directory=tmp_path)
+    entered, release, written = threading.Event(), threading.Event(), threading.Event()
+
+    async def main():
+        async with FileDiscovery(config) as disc:
+            await disc.register(record("w1"))
+            write = disc._write
+
+            def held_write(rec):
+                entered.set()
+                assert release.wait(10)
+                write(rec)
+                written.set()
+
+            disc._write = held_write
+            update = asyncio.create_task(disc.update(record("w1")))
+            assert await asyncio.to_thread(entered.wait, 10)
+            update.cancel()
+            await asyncio.gather(update, return_exceptions=True)
+            deregister = asyncio.create_task(disc.deregister("w1"))
+            # Let the deregistration run as far as it can before the write lands.
+            await asyncio.sleep(0)
+            release.set()
+            await deregister
+            assert await asyncio.to_thread(written.wait, 10)
+            assert not (tmp_path / "w1.json").exists()
+
+    asyncio.run(main())

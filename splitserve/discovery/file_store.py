@@ -97,7 +97,10 @@ class FileDiscovery(Discovery):
     async def deregister(self, worker_id: str) -> None:
         async with self._lock:
             if self._own.pop(worker_id, None) is not None:
-                self._path(worker_id).unlink(missing_ok=True)
+                # On the I/O thread, behind any write already queued there: a heartbeat
+                # whose caller was cancelled (the lock then freed) still runs to its
+                # rename, and an unlink that overtook it would be undone by it.
+                await self._run(self._path(worker_id).unlink, True)
 
     async def list(self) -> list[WorkerRecord]:
         return sorted((await self._run(self._read_live)).values(),
