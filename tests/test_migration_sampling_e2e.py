@@ -14,6 +14,10 @@ import pytest
 
 from workers import migration_cluster
 
+# Slow (a cluster whose decode worker is killed mid-stream: minutes on 2 cores): run by
+# `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 ENGINE = ("--max-model-len", "1024", "--served-model-name", "tiny")
 BODY = {"prompt": "Once upon a time, in a land far away, there lived", "max_tokens": 300,
         "temperature": 0.8, "seed": 1234, "frequency_penalty": 0.4, "repetition_penalty": 1.1,

@@ -12,6 +12,10 @@ import pytest
 
 from live_server import start_serve
 
+# Slow (clusters (aggregated and disaggregated): minutes on 2 cores): run by
+# `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 ARGS = ("--max-model-len", "512", "--served-model-name", "tiny")
 CHAT = [{"role": "user", "content": "Tell me a story."}]
 SEEDED = dict(model="tiny", temperature=0.9, seed=5, max_tokens=12, extra_body={"ignore_eos": True})

@@ -27,6 +27,10 @@ import pytest
 
 from live_server import start_serve
 
+# Slow (clusters (aggregated and 1P+1D) per test module: minutes on 2 cores): run by
+# `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 HERMES_TEMPLATE = """\
 {%- if tools %}<|im_start|>system
 {{ messages[0].content if messages[0].role == 'system' else 'You are a helpful assistant.' }}

@@ -15,6 +15,10 @@ import pytest
 from live_server import start_frontend
 from workers import start_worker
 
+# Slow (a cluster whose decode worker is killed mid-stream: minutes on 2 cores): run by
+# `make test-slow`, which CI runs too.
+pytestmark = pytest.mark.slow
+
 TTL = ("--discovery-ttl", "2")
 ENGINE = ("--max-model-len", "1024", "--served-model-name", "tiny")
 # Long enough (about 400 tokens of the tiny model's byte tokenizer) to kill mid-way.
