@@ -12,6 +12,7 @@ from golden import random_prompt
 from splitserve.model.cpu_linear import PackedLinear, packing_supported
 from splitserve.model.loader import load_model
 from splitserve.model.tiny import make_tiny_llama
+from test_model import SingleSequenceAttention
 
 CPU = torch.device("cpu")
 needs_bf16 = pytest.mark.skipif(not packing_supported(torch.bfloat16, CPU),
@@ -69,14 +70,7 @@ def test_a_float32_model_is_packed_on_request_and_the_logits_agree(tmp_path):
     assert plain.tied_head is None
     ids = torch.tensor(random_prompt(24, seed=5))
     positions = torch.arange(len(ids))
-
-    def causal(layer, q, k, v):
-        rep = q.shape[1] // k.shape[1]
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(rep, 1).transpose(0, 1),
-                                             v.repeat_interleave(rep, 1).transpose(0, 1), is_causal=True)
-        return out.transpose(0, 1)
-
     with torch.inference_mode():
-        got = packed.compute_logits(packed(ids, positions, causal))
-        want = plain.compute_logits(plain(ids, positions, causal))
+        got = packed.compute_logits(packed(ids, positions, SingleSequenceAttention(len(packed.layers))))
+        want = plain.compute_logits(plain(ids, positions, SingleSequenceAttention(len(plain.layers))))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -97,9 +97,8 @@ def test_openai_chat_and_completions_with_the_kv_transferred(server, client):
     assert _kv(server, "splitserve_kv_transfer_seconds_count") >= 4
     # The frontend's line for the request says its whole prompt's KV arrived.
     line = r"request_id=kv-counted\S* done: .*KV of (\d+)/(\d+) prompt tokens transferred"
-    wait_for(lambda: re.search(line, server.log()), "the frontend's line for the request")
-    done = re.search(line, server.log())
-    assert done and done[1] == done[2] == str(whole.usage.prompt_tokens), server.log()[-3000:]
+    done = wait_for(lambda: re.search(line, server.log()), "the frontend's line for the request")
+    assert done[1] == done[2] == str(whole.usage.prompt_tokens), server.log()[-3000:]
     _all_free(server)
 
 

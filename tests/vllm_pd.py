@@ -144,12 +144,13 @@ def generate(decode_url: str, request_id: str, prompt: list[int], target: dict,
     return 200, [t for c in chunks for t in c.get("new_token_ids", [])], chunks
 
 
-def wait_for(check, what: str, timeout: float = 60.0,
-             detail: Callable[[], str] = lambda: "") -> None:
+def wait_for(check, what: str, timeout: float = 60.0, detail: Callable[[], str] = lambda: ""):
+    """check()'s first truthy value, polled until the deadline."""
     deadline = time.monotonic() + timeout
-    while not check():
+    while not (value := check()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}\n{detail()}"
         time.sleep(0.2)
+    return value
 
 
 def blocks_in_use(url: str) -> tuple[int, int]:

@@ -70,7 +70,7 @@ class PagedAttention:
         rows = self.k_rows[layer]
         self.flat_kv.index_copy_(0, rows, k.reshape(t, -1).to(self.flat_kv.dtype))
         self.flat_kv.index_copy_(0, rows + self.block_size, v.reshape(t, -1).to(self.flat_kv.dtype))
-        if self.decode_rows is not None and self.decodes_only:
+        if self.decodes_only:
             return paged_decode_attention(q, k_cache, v_cache, self.decode_tables, self.decode_lens)
         out = torch.empty_like(q)
         for s in self.prefills:
