@@ -139,8 +139,11 @@ def test_packed_sequences_equal_each_alone(tiny_qwen2_dir):
         hidden = model(torch.tensor(a + b), torch.cat([torch.arange(9), torch.arange(14)]),
                        PackedPrefillAttention([9, 14]))
         packed = model.compute_logits(hidden)
+    # A leak between sequences moves logits by O(1). Matmuls over 23 rows round differently
+    # from matmuls over 9 and 14: with 1e-5, 5 of 20 prompt pairs failed on the eager model
+    # (unfused ops) too, so the bound is the golden tests' 1e-4.
     torch.testing.assert_close(packed, torch.cat([prefill_logits(model, a), prefill_logits(model, b)]),
-                               atol=1e-5, rtol=1e-5)
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_llama3_rope_at_long_context_positions(tiny_llama_dir):

@@ -184,11 +184,11 @@ def test_without_the_kernel_the_torch_path_gives_the_same_result_and_warns_once(
     def no_compiler():
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(pd, "_module", None)
-    monkeypatch.setattr(pd, "_load_error", None)
-    monkeypatch.setattr(pd, "_build", no_compiler)
+    monkeypatch.setattr(pd.KERNEL, "_module", None)
+    monkeypatch.setattr(pd.KERNEL, "_load_error", None)
+    monkeypatch.setattr(pd.KERNEL, "_build", no_compiler)
     kv, tables, lens, q = _batch(9, 3, torch.float32)
-    with caplog.at_level(logging.WARNING, logger=pd.__name__):
+    with caplog.at_level(logging.WARNING, logger="splitserve.native"):
         out = paged_decode_attention(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens)
         paged_decode_attention(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens)
         assert not kernel_available()
@@ -205,7 +205,7 @@ def test_a_build_killed_mid_way_does_not_hang_the_next_build(tmp_path, monkeypat
     # torch's lock file outlives a killed build, and torch's load() waits for it to go
     # away before building: the next process would hang on its first decode step.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    build_dir, _ = pd._build_dir()
+    build_dir, _ = pd.KERNEL.build_dir()
     build_dir.mkdir(parents=True)
     (build_dir / "lock").touch()
     done = subprocess.run(

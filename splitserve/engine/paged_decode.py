@@ -3,36 +3,26 @@
 `paged_decode_attention` attends one query token per sequence over that sequence's KV
 blocks without first gathering them into a padded tensor: a C++ kernel
 (csrc/paged_decode.cpp) walks each sequence's block table and reads the K/V rows straight
-from the pool view it is given. The kernel is compiled once per machine with
-torch.utils.cpp_extension and cached under ~/.cache/splitserve (the binary is built for
-this CPU, so the cache key holds the CPU's model and flags). Where it cannot be built (no
-compiler) or the tensors are not on the CPU, the same call runs the gather + SDPA path
-instead, which gives the same result more slowly; a failed build is logged once as a
-WARNING.
+from the pool view it is given. The kernel is compiled once per machine (splitserve.native).
+Where it cannot be built (no compiler) or the tensors are not on the CPU, the same call
+runs the gather + SDPA path instead, which gives the same result more slowly; a failed
+build is logged once as a WARNING.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import logging
-import os
-import platform
-import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from splitserve.native import NativeExtension
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
-_lock = threading.Lock()
-_module = None          # the loaded extension, once built
-_load_error: str | None = None
+KERNEL = NativeExtension("splitserve_paged_decode", Path(__file__).with_name("csrc") / "paged_decode.cpp",
+                         fallback="decode attention falls back to gather + SDPA (slower)")
 
 
 class PagedDecodeInputError(ValueError):
@@ -41,7 +31,7 @@ class PagedDecodeInputError(ValueError):
 
 def kernel_available() -> bool:
     """True when the C++ kernel is built and loaded (building it on the first call)."""
-    return _load() is not None
+    return KERNEL.load() is not None
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -64,7 +54,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return torch.empty_like(q)
     block_tables = block_tables.to(torch.int64).contiguous()
     seq_lens = seq_lens.to(torch.int64).contiguous()
-    module = _load() if q.device.type == "cpu" else None
+    module = KERNEL.load() if q.device.type == "cpu" else None
     if module is None:
         return gather_sdpa_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
     if q.stride(-1) != 1:
@@ -135,57 +125,3 @@ def _check_values(tables: torch.Tensor, lens: torch.Tensor, num_blocks: int, bs:
     ids = tables[used]
     if bool(((ids < 0) | (ids >= num_blocks)).any()):
         raise PagedDecodeInputError(f"block_tables holds ids outside [0, {num_blocks}) in a sequence's blocks")
-
-
-def _load():
-    """The compiled extension, or None (after one WARNING) if it cannot be built."""
-    global _module, _load_error
-    if _module is not None or _load_error is not None:
-        return _module
-    with _lock:
-        if _module is None and _load_error is None:
-            try:
-                _module = _build()
-            except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
-                _load_error = f"{type(e).__name__}: {e}".splitlines()[0]
-                logger.warning("paged decode kernel unavailable, decode attention falls back to "
-                               "gather + SDPA (slower): %s", _load_error)
-    return _module
-
-
-def _build():
-    from torch.utils.cpp_extension import load
-
-    build_dir, cflags = _build_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    with open(build_dir / "build.flock", "w") as f:
-        # One builder at a time across processes (two workers starting together). An flock
-        # dies with its process; torch's own lock file does not, and one left by a build
-        # that was killed would make load() wait forever: while we hold the flock, a torch
-        # lock file can only be such a leftover.
-        fcntl.flock(f, fcntl.LOCK_EX)
-        (build_dir / "lock").unlink(missing_ok=True)
-        return load(name="splitserve_paged_decode", sources=[str(_SOURCE)], extra_cflags=cflags,
-                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
-
-
-def _build_dir() -> tuple[Path, list[str]]:
-    """Where this machine's build lives, and the compiler flags it is built with."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    # at::vec picks its implementation from CPU_CAPABILITY; match what torch itself runs.
-    flags = {"AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
-             "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]}.get(capability, [])
-    cflags = ["-O3", "-march=native", "-fopenmp", *flags]
-    key = hashlib.sha256("|".join([torch.__version__, capability, _cpu_signature(), *cflags]).encode())
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "splitserve" / "paged_decode" / key.hexdigest()[:16], cflags
-
-
-def _cpu_signature() -> str:
-    """Model name and feature flags: a -march=native binary is only valid on such a CPU."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine() + platform.processor()
-    wanted = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))]
-    return "\n".join(sorted(set(wanted)))

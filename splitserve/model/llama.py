@@ -8,7 +8,10 @@ the AttentionFn the caller passes in.
 
 Numerics follow transformers' LlamaForCausalLM step for step (RMSNorm computed in
 float32 then cast back before the weight, cos/sin from float32 angles, residual adds in
-the model dtype), so a float32 model reproduces its logits to ~1e-5.
+the model dtype), so a float32 model reproduces its logits to ~1e-5. On CPU the norms
+(with the residual add before them), RoPE and SiLU*up run as fused C++ kernels with those
+same roundings (model.fused_ops): a decode step is dozens of small ops per layer, and
+their per-op cost, not their arithmetic, was a fifth of a lone sequence's step.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitserve.model import fused_ops
 from splitserve.model.config import ModelArchConfig
-from splitserve.model.rope import RotaryEmbedding, apply_rotary
+from splitserve.model.rope import RotaryEmbedding
 
 # attn(layer_idx, q [T, num_heads, head_dim], k [T, num_kv_heads, head_dim],
 #      v [T, num_kv_heads, head_dim]) -> [T, num_heads, head_dim].
@@ -34,10 +38,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with a residual, (norm(residual + x), residual + x) — in place where
+        the fused kernel runs, so neither input is read again by the caller."""
+        if residual is None:
+            return fused_ops.rms_norm(x, self.weight, self.eps)
+        return fused_ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -56,8 +62,8 @@ class Attention(nn.Module):
                 attn: AttentionFn) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = fused_ops.rotary(q.view(t, self.num_heads, self.head_dim),
+                                k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
         out = attn(self.layer_idx, q, k, v.view(t, self.num_kv_heads, self.head_dim))
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
@@ -70,8 +76,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused_ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -82,10 +87,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionFn) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, attn: AttentionFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (this layer's MLP output, the residual stream before it): the
+        stream after the layer is their sum, added by the next norm (vLLM's layout, which
+        lets each add be fused into the norm after it). The first layer gets residual None."""
+        if residual is None:
+            residual, h = h, self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(h, cos, sin, attn)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
@@ -111,9 +124,10 @@ class CausalLM(nn.Module):
         final-normed hidden states [T, hidden_size]."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(h, cos, sin, attn)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin, attn)
+        return self.norm(h) if residual is None else self.norm(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden_size] -> float32 [N, vocab_size]. Call it on the rows that sample

@@ -1,0 +1,218 @@
+// The elementwise parts of a Llama decoder layer, each fused into one pass over its rows:
+// residual add + RMSNorm, rotary embedding (in place on q and k), SiLU(gate) * up. Eager
+// torch runs each as 3-8 ops with as many temporaries and dispatcher calls; at the small
+// row counts of a decode step that per-op cost is most of their time.
+//
+// Numerics are transformers' LlamaForCausalLM, including every place it rounds to the
+// model dtype (T): the residual sum is rounded to T; RMSNorm computes in float32 from the
+// rounded sum, rounds the normalised row to T, then multiplies by the weight (rounded);
+// rotary rounds x*cos, rot(x)*sin and their sum; SiLU rounds silu(gate), then the product.
+// At float32 those roundings are exact and the results differ from torch's only in the
+// order of the RMSNorm's sum. Built with -ffp-contract=off so that no a*b + c is fused
+// into an FMA that torch does not do.
+//
+// Invariants the Python wrapper (model/fused_ops.py) guarantees: CPU tensors of one dtype
+// (float32, bfloat16 or float16); the last dim of every tensor has unit stride; shapes
+// agree; rotary's cos/sin are [T, D] contiguous and D is even.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kSerialElems = 1 << 15;  // below this many elements one thread runs the call
+
+// n (<= kLanes) values at p widened to float; lanes past n are zero.
+template <typename T>
+inline Vec load(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return n == kLanes ? Vec::loadu(p) : Vec::loadu(p, n);
+  } else {
+    if (n == kLanes) {
+      Vec out;
+      at::vec::load_to_float(p, out);
+      return out;
+    }
+    alignas(64) float tmp[kLanes] = {};
+    for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
+    return Vec::loadu(tmp);
+  }
+}
+
+// The first n lanes of v rounded to T and stored at p.
+template <typename T>
+inline void store(T* p, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, n);
+  } else {
+    alignas(64) float tmp[kLanes];
+    v.store(tmp);
+    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
+  }
+}
+
+// v rounded to T and widened back: the value torch holds after an op whose output is T.
+template <typename T>
+inline Vec round_to(const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    alignas(64) T tmp[kLanes];
+    store(tmp, v, kLanes);
+    return load(tmp, kLanes);
+  }
+}
+
+// body(r0, r1) over rows [0, rows), on one thread when the call is small.
+template <typename F>
+void for_rows(int64_t rows, int64_t elems_per_row, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, kSerialElems / std::max<int64_t>(1, elems_per_row));
+  if (rows <= grain) {
+    body(0, rows);
+  } else {
+    at::parallel_for(0, rows, grain, body);
+  }
+}
+
+// f(T{}) with T the C++ type of dtype.
+template <typename F>
+void with_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    case at::kHalf: return f(c10::Half{});
+    default: TORCH_CHECK_VALUE(false, "unsupported dtype ", dtype);
+  }
+}
+
+// out_row = weight * round(r * rsqrt(mean(r^2) + eps)), r already rounded to T.
+template <typename T>
+inline void norm_row(const T* r, const T* w, T* out, int64_t H, float eps) {
+  Vec sq(0.f);
+  for (int64_t j = 0; j < H; j += kLanes) {
+    const int64_t n = std::min(kLanes, H - j);
+    const Vec x = load(r + j, n);
+    sq = sq + x * x;
+  }
+  const float inv = 1.f / std::sqrt(at::vec::vec_reduce_all<float>(std::plus<Vec>(), sq) / H + eps);
+  const Vec vinv(inv);
+  for (int64_t j = 0; j < H; j += kLanes) {
+    const int64_t n = std::min(kLanes, H - j);
+    const Vec normed = round_to<T>(load(r + j, n) * vinv);
+    store(out + j, load(w + j, n) * normed, n);
+  }
+}
+
+}  // namespace
+
+// A new [rows, H] tensor: RMSNorm of x's rows.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), H = x.size(1), xs = x.stride(0);
+  at::Tensor out = at::empty({rows, H}, x.options());
+  with_dtype(x.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* xp = x.data_ptr<T>();
+    const T* w = weight.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    for_rows(rows, H, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) norm_row(xp + r * xs, w, o + r * H, H, static_cast<float>(eps));
+    });
+  });
+  return out;
+}
+
+// In place: residual <- round(residual + x); x <- RMSNorm(residual). Both [rows, H].
+void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), H = x.size(1), xs = x.stride(0), rs = residual.stride(0);
+  with_dtype(x.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    T* xp = x.data_ptr<T>();
+    T* res = residual.data_ptr<T>();
+    const T* w = weight.data_ptr<T>();
+    for_rows(rows, H, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        T* xr = xp + r * xs;
+        T* rr = res + r * rs;
+        for (int64_t j = 0; j < H; j += kLanes) {
+          const int64_t n = std::min(kLanes, H - j);
+          store(rr + j, load(rr + j, n) + load(xr + j, n), n);
+        }
+        norm_row(rr, w, xr, H, static_cast<float>(eps));
+      }
+    });
+  });
+}
+
+// In place on x [rows, heads, D] (any row and head strides): the rotate-half rotary
+// embedding with cos/sin [rows, D].
+template <typename T>
+void rotate(T* x, int64_t rows, int64_t heads, int64_t D, int64_t s0, int64_t s1,
+            const T* cos, const T* sin) {
+  const int64_t half = D / 2;
+  for_rows(rows, heads * D, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* c = cos + r * D;
+      const T* s = sin + r * D;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* row = x + r * s0 + h * s1;
+        for (int64_t j = 0; j < half; j += kLanes) {
+          const int64_t n = std::min(kLanes, half - j);
+          const Vec x1 = load(row + j, n), x2 = load(row + half + j, n);
+          const Vec lo = round_to<T>(x1 * load(c + j, n)) - round_to<T>(x2 * load(s + j, n));
+          const Vec hi = round_to<T>(x2 * load(c + half + j, n)) + round_to<T>(x1 * load(s + half + j, n));
+          store(row + j, lo, n);
+          store(row + half + j, hi, n);
+        }
+      }
+    }
+  });
+}
+
+void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+  with_dtype(q.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const int64_t D = q.size(2);
+    for (at::Tensor* t : {&q, &k}) {
+      rotate(t->data_ptr<T>(), t->size(0), t->size(1), D, t->stride(0), t->stride(1),
+             cos.data_ptr<T>(), sin.data_ptr<T>());
+    }
+  });
+}
+
+// A new [rows, I] tensor: round(round(silu(gate)) * up), gate_up = [rows, 2I] (gate first).
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  const int64_t rows = gate_up.size(0), I = gate_up.size(1) / 2, gs = gate_up.stride(0);
+  at::Tensor out = at::empty({rows, I}, gate_up.options());
+  with_dtype(gate_up.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    const T* g = gate_up.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    const Vec one(1.f);
+    for_rows(rows, 2 * I, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* gr = g + r * gs;
+        for (int64_t j = 0; j < I; j += kLanes) {
+          const int64_t n = std::min(kLanes, I - j);
+          const Vec x = load(gr + j, n);
+          const Vec act = round_to<T>(x / (one + x.neg().exp()));
+          store(o + r * I + j, act * load(gr + I + j, n), n);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row");
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place");
+  m.def("rotary_", &rotary_, "rotate-half rotary embedding of q and k, in place");
+  m.def("silu_mul", &silu_mul, "SiLU(gate) * up of [rows, 2I] gate_up rows");
+}
