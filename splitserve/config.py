@@ -68,7 +68,8 @@ class EngineConfig:
     device: str = option("cpu", help="cpu or cuda[:N]")
     cpu_linear: str = option("auto", choices=CPU_LINEAR, help="linear layers on CPU: weights "
                              "prepacked for oneDNN (as vLLM's CPU build does) or torch's "
-                             "F.linear; auto packs bfloat16 only, where it measured faster")
+                             "F.linear; auto packs bfloat16, and float32 on CPUs other than "
+                             "Intel's (where MKL's F.linear is slow)")
     block_size: int = option(16, help="tokens per KV cache block")
     max_model_len: int | None = option(None, type=int, help="longest sequence, prompt + output "
                                        "(default: the model's max_position_embeddings)")

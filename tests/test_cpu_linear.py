@@ -1,6 +1,7 @@
-"""Models on CPU can run their linear layers as prepacked oneDNN matmuls (bfloat16 by
-default, float32 on request with `cpu_linear="onednn"`): the numbers must be those of the
-plain layers, for every row count the engine uses; `cpu_linear="torch"` never packs."""
+"""Models on CPU can run their linear layers as prepacked oneDNN matmuls (by default
+bfloat16 everywhere and float32 on CPUs other than Intel's; always with
+`cpu_linear="onednn"`): the numbers must be those of the plain layers, for every row
+count the engine uses; `cpu_linear="torch"` never packs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from golden import random_prompt
+from splitserve.model import cpu_linear
 from splitserve.model.cpu_linear import PackedLinear, packing_supported
 from splitserve.model.loader import load_model
 from splitserve.model.tiny import make_tiny_llama
@@ -60,10 +62,10 @@ def test_a_bfloat16_model_is_packed_and_keeps_its_logits(tmp_path):
                                atol=0.3, rtol=0.05)
 
 
-def test_a_float32_model_is_packed_on_request_and_the_logits_agree(tmp_path):
+def test_a_packed_float32_model_has_the_plain_models_logits(tmp_path):
     model_dir = make_tiny_llama(tmp_path)
     packed = load_model(model_dir, dtype="float32", cpu_linear="onednn")
-    plain = load_model(model_dir, dtype="float32")
+    plain = load_model(model_dir, dtype="float32", cpu_linear="torch")
     assert isinstance(packed.layers[0].self_attn.qkv_proj, PackedLinear)
     assert isinstance(packed.tied_head if packed.lm_head is None else packed.lm_head, PackedLinear)
     assert isinstance(plain.layers[0].self_attn.qkv_proj, torch.nn.Linear)
@@ -74,3 +76,13 @@ def test_a_float32_model_is_packed_on_request_and_the_logits_agree(tmp_path):
         got = packed.compute_logits(packed(ids, positions, SingleSequenceAttention(len(packed.layers))))
         want = plain.compute_logits(plain(ids, positions, SingleSequenceAttention(len(plain.layers))))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("vendor,packs_float32", [("GenuineIntel", False), ("AuthenticAMD", True), ("", True)])
+def test_auto_packs_float32_except_on_intel_cpus(monkeypatch, vendor, packs_float32):
+    # MKL's sgemm (behind F.linear) is fast on Intel's CPUs only; oneDNN is fast on both.
+    monkeypatch.setattr(cpu_linear, "cpu_vendor", lambda: vendor)
+    assert cpu_linear.should_pack("auto", torch.float32, CPU) is packs_float32
+    assert cpu_linear.should_pack("onednn", torch.float32, CPU)
+    assert not cpu_linear.should_pack("torch", torch.float32, CPU)
+    assert not cpu_linear.should_pack("auto", torch.float32, torch.device("meta"))

@@ -10,6 +10,7 @@ from splitserve.engine.kv_cache import KVLayout
 from splitserve.engine.paged_decode import kernel_available
 from splitserve.engine.sampler import Sampled, SampleFailure, Sampler
 from splitserve.engine.scheduler import SchedulerOutput
+from splitserve.model import fused_ops
 
 
 class ModelRunner:
@@ -21,9 +22,10 @@ class ModelRunner:
         self.kv = layout.allocate(num_blocks, device, kv_allocator)
         self.sampler = Sampler(seed)
         if self.device.type == "cpu":
-            # Build (first time on this machine: ~30 s) or load the paged decode kernel
-            # now, while the worker is still starting, not on its first decode step.
+            # Build (first time on this machine: ~30 s each) or load the C++ kernels now,
+            # while the worker is still starting, not on its first step.
             kernel_available()
+            fused_ops.KERNELS.load()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> dict[str, Sampled | SampleFailure]:

@@ -4,10 +4,12 @@
 out on every call (bfloat16). The same weights reordered once into oneDNN's blocked
 format (as vLLM's CPU build does) measured, on SmolLM2-135M with 2 threads:
 - bfloat16: the AMX kernels directly, 1.3-2.4x faster for 1-512 rows: packed by default;
-- float32: single matmuls of 16-32 rows 1.3-1.5x faster (gate_up, down, the vocabulary
-  projection), but one row pays oneDNN's per-call overhead; engine runs of 64 requests at
-  16 concurrent were even within noise (74.0-84.7 against 73.8-81.3 tok/s) and a lone
-  sequence 12-18% slower: F.linear by default, packing on request (`onednn`).
+- float32 on an Intel Xeon (AVX-512): single matmuls of 16-32 rows 1.3-1.5x faster, but
+  one row pays oneDNN's per-call overhead; engine runs of 64 requests at 16 concurrent
+  were even within noise and a lone sequence 12-18% slower: F.linear there;
+- float32 on an AMD EPYC (AVX2): MKL's sgemm does not take its fast paths on a CPU that
+  is not Intel's (16 rows x gate_up 4.0-5.5 ms against oneDNN's 1.7-2.1); 16 concurrent
+  requests 1.2x faster packed, a lone sequence 12% faster: packed on every CPU but Intel's.
 
 A packed weight is an opaque oneDNN tensor: it can only be multiplied, never read or
 copied into, so packing happens once, after every weight is loaded.
@@ -16,6 +18,8 @@ copied into, so packing happens once, after every weight is loaded.
 from __future__ import annotations
 
 import logging
+from functools import cache
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -24,11 +28,23 @@ logger = logging.getLogger(__name__)
 
 
 def should_pack(choice: str, dtype: torch.dtype, device: torch.device) -> bool:
-    """choice is EngineConfig.cpu_linear: auto (bfloat16 only), onednn (wherever
-    supported) or torch (never)."""
+    """choice is EngineConfig.cpu_linear: auto (bfloat16; float32 unless the CPU is
+    Intel's), onednn (wherever supported) or torch (never)."""
     if choice == "torch" or not packing_supported(dtype, device):
         return False
-    return choice == "onednn" or dtype == torch.bfloat16
+    return choice == "onednn" or dtype == torch.bfloat16 or cpu_vendor() != "GenuineIntel"
+
+
+@cache
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD", ...); "" if unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
