@@ -100,10 +100,14 @@ def test_without_a_compiler_the_torch_path_runs_and_warns_once(monkeypatch, capl
 
 
 def test_unsupported_inputs_take_the_torch_path():
-    # float64 and a strided last dim are outside the kernel's contract: same answer, no error.
+    # float64, mixed dtypes and a strided last dim are outside the kernels' contract: the
+    # torch path's answer, no error.
     x = torch.randn(4, 16, dtype=torch.float64)
     w = torch.ones(16, dtype=torch.float64)
     torch.testing.assert_close(fused_ops.rms_norm(x, w, 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    w16 = torch.ones(16, dtype=torch.bfloat16)  # dtypes differ: torch's promotion rules apply
+    x32 = x.float()
+    torch.testing.assert_close(fused_ops.rms_norm(x32, w16, 1e-6), torch_path(fused_ops.rms_norm, x32, w16, 1e-6))
     gate_up = torch.randn(16, 4).t()          # [4, 16], last-dim stride 4
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(fused_ops.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)

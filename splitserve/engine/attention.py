@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
+from torch.nn.utils.rnn import pad_sequence
 
-from splitserve.engine.paged_decode import paged_decode_attention
+from splitserve.engine.paged_decode import decode_prepared, paged_decode_attention
 
 
 @dataclass
@@ -31,8 +32,12 @@ class PagedAttention:
     """Callable matching the model's AttentionFn for one forward pass."""
 
     def __init__(self, kv: torch.Tensor, block_size: int, seqs: list[SeqSlice],
-                 slot_blocks: torch.Tensor, slot_offsets: torch.Tensor):
+                 slot_blocks: torch.Tensor, slot_offsets: torch.Tensor,
+                 layer_caches: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """layer_caches: each layer's (K, V) views of kv, [num_blocks, block_size, H_kv, D]
+        (see layer_views); a runner builds them once for the life of its pool."""
         self.kv = kv
+        self.layer_caches = layer_caches if layer_caches is not None else layer_views(kv)
         self.block_size = block_size
         self.prefills = [s for s in seqs if s.num_new > 1 or s.start == 0]
         decodes = [s for s in seqs if not (s.num_new > 1 or s.start == 0)]
@@ -44,6 +49,7 @@ class PagedAttention:
         self.flat_kv = kv.view(-1, kv.shape[-2] * kv.shape[-1])
         self.k_rows = ((slot_blocks * (num_layers * 2 * bs) + slot_offsets)[None, :]
                        + (torch.arange(num_layers, device=kv.device) * (2 * bs))[:, None])
+        self.v_rows = self.k_rows + bs
         self.decode_rows = None
         self.decodes_only = False
         if decodes:
@@ -51,27 +57,25 @@ class PagedAttention:
 
     def _prepare_decode(self, decodes: list[SeqSlice]) -> None:
         device = self.kv.device
-        max_nb = max(len(s.block_ids) for s in decodes)
-        tables = torch.zeros((len(decodes), max_nb), dtype=torch.long, device=device)
-        lens = torch.tensor([s.start + 1 for s in decodes], device=device)
-        for i, s in enumerate(decodes):
-            tables[i, :len(s.block_ids)] = s.block_ids
+        # [B, max_blocks] int64, zero-padded (the kernel never reads past a sequence's blocks)
+        self.decode_tables = pad_sequence([s.block_ids for s in decodes], batch_first=True)
+        self.decode_lens = torch.tensor([s.start + 1 for s in decodes], device=device)
         self.decode_rows = torch.tensor([s.q_start for s in decodes], device=device)
-        self.decode_tables = tables
-        self.decode_lens = lens
         # A batch of decodes only, in row order (most steps under load): the kernel's output
         # is the layer's output as it is, no gather of q rows and no scatter back.
         self.decodes_only = not self.prefills and all(s.q_start == i for i, s in enumerate(decodes))
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache = self.kv[:, layer, 0]   # [num_blocks, block_size, H_kv, D] (strided view)
-        v_cache = self.kv[:, layer, 1]
+        k_cache, v_cache = self.layer_caches[layer]
         t = k.shape[0]
-        rows = self.k_rows[layer]
-        self.flat_kv.index_copy_(0, rows, k.reshape(t, -1).to(self.flat_kv.dtype))
-        self.flat_kv.index_copy_(0, rows + self.block_size, v.reshape(t, -1).to(self.flat_kv.dtype))
+        dtype = self.flat_kv.dtype
+        self.flat_kv.index_copy_(0, self.k_rows[layer], k.reshape(t, -1).to(dtype))
+        self.flat_kv.index_copy_(0, self.v_rows[layer], v.reshape(t, -1).to(dtype))
         if self.decodes_only:
-            return paged_decode_attention(q, k_cache, v_cache, self.decode_tables, self.decode_lens)
+            # q is a view of the qkv projection (unit last stride); tables and lens were
+            # built to the kernel's contract in _prepare_decode.
+            return decode_prepared(q, k_cache, v_cache, self.decode_tables, self.decode_lens,
+                                   q.shape[-1] ** -0.5)
         out = torch.empty_like(q)
         for s in self.prefills:
             rows = slice(s.q_start, s.q_start + s.num_new)
@@ -121,3 +125,9 @@ def _prefix_and_causal(q, k_prefix, v_prefix, k_new, v_new) -> torch.Tensor:
     m = torch.maximum(lse1, lse2)
     w1, w2 = torch.exp(lse1 - m).unsqueeze(-1), torch.exp(lse2 - m).unsqueeze(-1)
     return ((o1 * w1 + o2 * w2) / (w1 + w2)).to(q.dtype)
+
+
+def layer_views(kv: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (K, V) strided views of the pool [num_blocks, layers, 2, block_size,
+    H_kv, D]: [num_blocks, block_size, H_kv, D] each."""
+    return [(kv[:, layer, 0], kv[:, layer, 1]) for layer in range(kv.shape[1])]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from splitserve.engine.attention import PagedAttention, SeqSlice
+from splitserve.engine.attention import PagedAttention, SeqSlice, layer_views
 from splitserve.engine.kv_cache import KVLayout
 from splitserve.engine.paged_decode import kernel_available
 from splitserve.engine.sampler import Sampled, SampleFailure, Sampler
@@ -20,6 +20,7 @@ class ModelRunner:
         self.layout = layout
         self.device = torch.device(device)
         self.kv = layout.allocate(num_blocks, device, kv_allocator)
+        self.layer_caches = layer_views(self.kv)
         self.sampler = Sampler(seed)
         if self.device.type == "cpu":
             # Build (first time on this machine: ~30 s each) or load the C++ kernels now,
@@ -57,7 +58,7 @@ class ModelRunner:
         attn = PagedAttention(
             self.kv, bs, seqs,
             slot_blocks=torch.cat(slot_blocks).to(self.device),
-            slot_offsets=(pos_all % bs).to(self.device))
+            slot_offsets=(pos_all % bs).to(self.device), layer_caches=self.layer_caches)
         hidden = self.model(torch.tensor(input_ids, device=self.device), pos_all.to(self.device), attn)
         if not sampled_reqs:
             return {}

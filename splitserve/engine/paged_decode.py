@@ -54,13 +54,23 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         return torch.empty_like(q)
     block_tables = block_tables.to(torch.int64).contiguous()
     seq_lens = seq_lens.to(torch.int64).contiguous()
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    return decode_prepared(q, k_cache, v_cache, block_tables, seq_lens, float(scale))
+
+
+def decode_prepared(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """paged_decode_attention for a caller that built its arguments to the contract itself
+    (the engine's attention, once per layer of a step): q with unit last stride, tables
+    and lens int64 contiguous, B >= 1. Skips the metadata checks and conversions (~20 us a
+    call, a fifth of the kernel's time for one sequence of 300 tokens); the kernel's value
+    checks (lengths, block ids) still run."""
     module = KERNEL.load() if q.device.type == "cpu" else None
     if module is None:
         return gather_sdpa_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
     try:
-        return module.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, float(scale))
+        return module.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
     except ValueError as e:  # the kernel's check of lengths and block ids, before any read
         raise PagedDecodeInputError(str(e).split("\n", 1)[0]) from None
 

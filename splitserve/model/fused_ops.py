@@ -1,8 +1,8 @@
 """The decoder layer's elementwise ops, fused in C++ on CPU (csrc/layer_ops.cpp).
 
 Each function has a torch path with the same numerics, taken off the CPU, for dtypes or
-layouts the kernel does not cover, and when the kernel cannot be built (no compiler;
-logged once). Functions that say "in place" may instead return new tensors on the torch
+layouts the kernel does not cover (the kernel itself says so: its checks cost less in C++
+than in Python), and when the kernel cannot be built (no compiler; logged once). Functions that say "in place" may instead return new tensors on the torch
 path: callers use what they return and do not read their inputs again.
 
 Set SPLITSERVE_FUSED_OPS=0 to run the torch path everywhere (for A/B measurements and for
@@ -22,29 +22,22 @@ from splitserve.native import NativeExtension
 KERNELS = NativeExtension("splitserve_layer_ops", Path(__file__).with_name("csrc") / "layer_ops.cpp",
                           fallback="the model runs its norms, rotary and MLP activation unfused (slower)",
                           extra_cflags=("-ffp-contract=off",))
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # Read once: the check runs four times per layer per step.
 ENABLED = os.environ.get("SPLITSERVE_FUSED_OPS", "1") != "0"
 
 
-def _module_for(*tensors: torch.Tensor):
-    """The compiled module if it can take these tensors: CPU, one supported dtype, unit
-    stride on the last dim. None means: take the torch path."""
-    first = tensors[0]
-    if first.device.type != "cpu" or first.dtype not in _DTYPES or not ENABLED:
-        return None
-    if any(t.device != first.device or t.dtype != first.dtype or t.stride(-1) != 1 for t in tensors):
-        return None
-    return KERNELS.load()
+def _kernels():
+    return KERNELS.load() if ENABLED else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [T, H] -> a new [T, H]: x / rms(x) * weight (transformers' LlamaRMSNorm)."""
-    module = _module_for(x, weight) if x.dim() == 2 and weight.is_contiguous() else None
-    if module is not None:
-        return module.rms_norm(x, weight, eps)
+    module = _kernels()
+    out = None if module is None else module.rms_norm(x, weight, eps)
+    if out is not None:
+        return out
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -53,10 +46,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(residual + x), residual + x), in place: x, residual [T, H]."""
-    module = (_module_for(x, residual, weight)
-              if x.dim() == 2 and x.shape == residual.shape and weight.is_contiguous() else None)
-    if module is not None:
-        module.add_rms_norm_(x, residual, weight, eps)
+    module = _kernels()
+    if module is not None and module.add_rms_norm_(x, residual, weight, eps):
         return x, residual
     residual = residual + x
     return rms_norm(residual, weight, eps), residual
@@ -66,10 +57,8 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate-half rotary embedding of q [T, Hq, D] and k [T, Hkv, D] (views of the qkv
     projection are fine), in place; cos, sin: [T, D] in q's dtype."""
-    module = (_module_for(q, k, cos, sin)
-              if cos.is_contiguous() and sin.is_contiguous() and q.shape[-1] % 2 == 0 else None)
-    if module is not None:
-        module.rotary_(q, k, cos, sin)
+    module = _kernels()
+    if module is not None and module.rotary_(q, k, cos, sin):
         return q, k
     cos, sin = cos[:, None, :], sin[:, None, :]
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -83,8 +72,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] (gate columns first) -> a new [T, I]: silu(gate) * up."""
-    module = _module_for(gate_up) if gate_up.dim() == 2 and gate_up.shape[-1] % 2 == 0 else None
-    if module is not None:
-        return module.silu_mul(gate_up)
+    module = _kernels()
+    out = None if module is None else module.silu_mul(gate_up)
+    if out is not None:
+        return out
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

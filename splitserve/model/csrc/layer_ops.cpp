@@ -11,9 +11,11 @@
 // order of the RMSNorm's sum. Built with -ffp-contract=off so that no a*b + c is fused
 // into an FMA that torch does not do.
 //
-// Invariants the Python wrapper (model/fused_ops.py) guarantees: CPU tensors of one dtype
-// (float32, bfloat16 or float16); the last dim of every tensor has unit stride; shapes
-// agree; rotary's cos/sin are [T, D] contiguous and D is even.
+// Each entry point first checks that it can take its arguments (CPU tensors of one dtype,
+// float32, bfloat16 or float16; unit stride on the last dim; shapes that agree; rotary's
+// cos/sin [T, D] contiguous with D even) and, if not, touches nothing and returns None or
+// false: the Python wrapper (model/fused_ops.py) then runs its torch path. The checks are
+// here, not in Python, because in Python they cost more than the kernels (~10 us a call).
 
 #include <torch/extension.h>
 
@@ -110,10 +112,21 @@ inline void norm_row(const T* r, const T* w, T* out, int64_t H, float eps) {
   }
 }
 
+// t is a CPU tensor of dtype dt with unit stride on its last dim (dt one of the three).
+bool takes(const at::Tensor& t, at::ScalarType dt, int64_t dim) {
+  return t.dim() == dim && t.device().is_cpu() && t.scalar_type() == dt && t.stride(-1) == 1 &&
+         (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf);
+}
+
+bool takes_norm(const at::Tensor& x, const at::Tensor& weight) {
+  return takes(x, x.scalar_type(), 2) && takes(weight, x.scalar_type(), 1) && weight.size(0) == x.size(1);
+}
+
 }  // namespace
 
 // A new [rows, H] tensor: RMSNorm of x's rows.
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+c10::optional<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (!takes_norm(x, weight)) return c10::nullopt;
   const int64_t rows = x.size(0), H = x.size(1), xs = x.stride(0);
   at::Tensor out = at::empty({rows, H}, x.options());
   with_dtype(x.scalar_type(), [&](auto zero) {
@@ -129,7 +142,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 }
 
 // In place: residual <- round(residual + x); x <- RMSNorm(residual). Both [rows, H].
-void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+bool add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight, double eps) {
+  if (!takes_norm(x, weight) || !takes(residual, x.scalar_type(), 2) || residual.sizes() != x.sizes()) {
+    return false;
+  }
   const int64_t rows = x.size(0), H = x.size(1), xs = x.stride(0), rs = residual.stride(0);
   with_dtype(x.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
@@ -148,6 +164,7 @@ void add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight
       }
     });
   });
+  return true;
 }
 
 // In place on x [rows, heads, D] (any row and head strides): the rotate-half rotary
@@ -175,7 +192,14 @@ void rotate(T* x, int64_t rows, int64_t heads, int64_t D, int64_t s0, int64_t s1
   });
 }
 
-void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+bool rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
+  const at::ScalarType dt = q.scalar_type();
+  if (!takes(q, dt, 3) || !takes(k, dt, 3) || !takes(cos, dt, 2) || !takes(sin, dt, 2) ||
+      !cos.is_contiguous() || !sin.is_contiguous() || q.size(2) % 2 || k.size(2) != q.size(2) ||
+      k.size(0) != q.size(0) || cos.sizes() != sin.sizes() || cos.size(0) != q.size(0) ||
+      cos.size(1) != q.size(2)) {
+    return false;
+  }
   with_dtype(q.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
     const int64_t D = q.size(2);
@@ -184,10 +208,12 @@ void rotary_(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tens
              cos.data_ptr<T>(), sin.data_ptr<T>());
     }
   });
+  return true;
 }
 
 // A new [rows, I] tensor: round(round(silu(gate)) * up), gate_up = [rows, 2I] (gate first).
-at::Tensor silu_mul(const at::Tensor& gate_up) {
+c10::optional<at::Tensor> silu_mul(const at::Tensor& gate_up) {
+  if (!takes(gate_up, gate_up.scalar_type(), 2) || gate_up.size(1) % 2) return c10::nullopt;
   const int64_t rows = gate_up.size(0), I = gate_up.size(1) / 2, gs = gate_up.stride(0);
   at::Tensor out = at::empty({rows, I}, gate_up.options());
   with_dtype(gate_up.scalar_type(), [&](auto zero) {
@@ -211,8 +237,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("rms_norm", &rms_norm, "RMSNorm of each row");
-  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place");
-  m.def("rotary_", &rotary_, "rotate-half rotary embedding of q and k, in place");
-  m.def("silu_mul", &silu_mul, "SiLU(gate) * up of [rows, 2I] gate_up rows");
+  m.def("rms_norm", &rms_norm, "RMSNorm of each row; None if the arguments are not for this kernel");
+  m.def("add_rms_norm_", &add_rms_norm_, "residual += x; x = RMSNorm(residual), in place; false if not taken");
+  m.def("rotary_", &rotary_, "rotate-half rotary embedding of q and k, in place; false if not taken");
+  m.def("silu_mul", &silu_mul, "SiLU(gate) * up of [rows, 2I] gate_up rows; None if not taken");
 }
