@@ -1,6 +1,6 @@
 """C++ extensions compiled on this machine, once, and cached.
 
-The kernels in splitserve/*/csrc are built with torch.utils.cpp_extension the first time a
+The kernels in splitserve/*/csrc (with the shared headers in splitserve/csrc) are built with torch.utils.cpp_extension the first time a
 process needs them and cached under ~/.cache/splitserve/<name>/<key>. The binary is built
 with -march=native, so the key holds the CPU's model and feature flags as well as torch's
 version and the compiler flags. Where a kernel cannot be built (no compiler), its caller
@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 
 logger = logging.getLogger(__name__)
+
+# Headers every kernel may include (#include "float_vec.h").
+INCLUDE_DIR = Path(__file__).with_name("csrc")
 
 
 class NativeExtension:
@@ -55,8 +58,9 @@ class NativeExtension:
         flags = {"AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
                  "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]}.get(capability, [])
         cflags = ["-O3", "-march=native", "-fopenmp", *flags, *self.extra_cflags]
+        sources = [self.source, *sorted(INCLUDE_DIR.glob("*.h"))]
         key = hashlib.sha256("|".join([torch.__version__, capability, _cpu_signature(),
-                                       self.source.read_text(), *cflags]).encode())
+                                       *(p.read_text() for p in sources), *cflags]).encode())
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return cache / "splitserve" / self.name / key.hexdigest()[:16], cflags
 
@@ -73,7 +77,8 @@ class NativeExtension:
             fcntl.flock(f, fcntl.LOCK_EX)
             (build_dir / "lock").unlink(missing_ok=True)
             return load(name=self.name, sources=[str(self.source)], extra_cflags=cflags,
-                        extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+                        extra_include_paths=[str(INCLUDE_DIR)], extra_ldflags=["-fopenmp"],
+                        build_directory=str(build_dir), verbose=False)
 
 
 def _cpu_signature() -> str:

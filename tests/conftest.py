@@ -44,3 +44,17 @@ def smollm2_dir() -> Path:
     from splitserve.model.registry import resolve_model
 
     return resolve_model(None)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """no_compiler(ext): from now on in this test, building the NativeExtension ext fails
+    as on a machine without a C++ compiler (and nothing built earlier is reused)."""
+    def fail():
+        raise RuntimeError("no C++ compiler")
+
+    def apply(ext) -> None:
+        monkeypatch.setattr(ext, "_module", None)
+        monkeypatch.setattr(ext, "_load_error", None)
+        monkeypatch.setattr(ext, "_build", fail)
+    return apply

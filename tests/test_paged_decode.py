@@ -180,13 +180,8 @@ def test_invalid_input_raises_a_value_error(case):
     assert issubclass(PagedDecodeInputError, ValueError)
 
 
-def test_without_the_kernel_the_torch_path_gives_the_same_result_and_warns_once(monkeypatch, caplog):
-    def no_compiler():
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setattr(pd.KERNEL, "_module", None)
-    monkeypatch.setattr(pd.KERNEL, "_load_error", None)
-    monkeypatch.setattr(pd.KERNEL, "_build", no_compiler)
+def test_without_the_kernel_the_torch_path_gives_the_same_result_and_warns_once(no_compiler, caplog):
+    no_compiler(pd.KERNEL)
     kv, tables, lens, q = _batch(9, 3, torch.float32)
     with caplog.at_level(logging.WARNING, logger="splitserve.native"):
         out = paged_decode_attention(q, kv[:, 0, 0], kv[:, 0, 1], tables, lens)

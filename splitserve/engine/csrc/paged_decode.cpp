@@ -21,8 +21,8 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+
+#include "float_vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -31,26 +31,11 @@
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
+using splitserve::kLanes;
+using splitserve::load_float;
+using splitserve::Vec;
+using splitserve::with_dtype;
 constexpr int64_t kSerialRows = 4096;  // K/V rows (tokens x kv heads) below which one thread runs the call
-
-// count (<= kLanes) values at p, widened to float; lanes beyond count are zero.
-template <typename T>
-inline Vec load_float(const T* p, int64_t count) {
-  if constexpr (std::is_same_v<T, float>) {
-    return count == kLanes ? Vec::loadu(p) : Vec::loadu(p, count);
-  } else {
-    if (count == kLanes) {
-      Vec out;
-      at::vec::load_to_float(p, out);
-      return out;
-    }
-    alignas(64) float tmp[kLanes] = {};
-    for (int64_t i = 0; i < count; ++i) tmp[i] = static_cast<float>(p[i]);
-    return Vec::loadu(tmp);
-  }
-}
 
 // One call's pointers, shapes and strides (strides in elements).
 template <typename q_t, typename kv_t>
@@ -310,17 +295,6 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       if (slot_b[i] == b) parts.push_back(State{&slot_acc[i * Hq * Dp], &slot_m[i * Hq], &slot_l[i * Hq]});
     }
     write_out(o + b * Hq * D, Hq, D, Dp, parts.data(), static_cast<int64_t>(parts.size()));
-  }
-}
-
-// f(T{}) with T the C++ type of dtype, one of the three the kernel is built for.
-template <typename F>
-void with_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK_VALUE(false, "unsupported dtype ", dtype);
   }
 }
 

@@ -20,45 +20,19 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
+
+#include "float_vec.h"
 
 #include <cmath>
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
+using splitserve::kLanes;
+using splitserve::load_float;
+using splitserve::store_float;
+using splitserve::Vec;
+using splitserve::with_dtype;
 constexpr int64_t kSerialElems = 1 << 15;  // below this many elements one thread runs the call
-
-// n (<= kLanes) values at p widened to float; lanes past n are zero.
-template <typename T>
-inline Vec load(const T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    return n == kLanes ? Vec::loadu(p) : Vec::loadu(p, n);
-  } else {
-    if (n == kLanes) {
-      Vec out;
-      at::vec::load_to_float(p, out);
-      return out;
-    }
-    alignas(64) float tmp[kLanes] = {};
-    for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(p[i]);
-    return Vec::loadu(tmp);
-  }
-}
-
-// The first n lanes of v rounded to T and stored at p.
-template <typename T>
-inline void store(T* p, const Vec& v, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p, n);
-  } else {
-    alignas(64) float tmp[kLanes];
-    v.store(tmp);
-    for (int64_t i = 0; i < n; ++i) p[i] = static_cast<T>(tmp[i]);
-  }
-}
 
 // v rounded to T and widened back: the value torch holds after an op whose output is T.
 template <typename T>
@@ -67,8 +41,8 @@ inline Vec round_to(const Vec& v) {
     return v;
   } else {
     alignas(64) T tmp[kLanes];
-    store(tmp, v, kLanes);
-    return load(tmp, kLanes);
+    store_float(tmp, v, kLanes);
+    return load_float(tmp, kLanes);
   }
 }
 
@@ -83,32 +57,21 @@ void for_rows(int64_t rows, int64_t elems_per_row, const F& body) {
   }
 }
 
-// f(T{}) with T the C++ type of dtype.
-template <typename F>
-void with_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK_VALUE(false, "unsupported dtype ", dtype);
-  }
-}
-
 // out_row = weight * round(r * rsqrt(mean(r^2) + eps)), r already rounded to T.
 template <typename T>
 inline void norm_row(const T* r, const T* w, T* out, int64_t H, float eps) {
   Vec sq(0.f);
   for (int64_t j = 0; j < H; j += kLanes) {
     const int64_t n = std::min(kLanes, H - j);
-    const Vec x = load(r + j, n);
+    const Vec x = load_float(r + j, n);
     sq = sq + x * x;
   }
   const float inv = 1.f / std::sqrt(at::vec::vec_reduce_all<float>(std::plus<Vec>(), sq) / H + eps);
   const Vec vinv(inv);
   for (int64_t j = 0; j < H; j += kLanes) {
     const int64_t n = std::min(kLanes, H - j);
-    const Vec normed = round_to<T>(load(r + j, n) * vinv);
-    store(out + j, load(w + j, n) * normed, n);
+    const Vec normed = round_to<T>(load_float(r + j, n) * vinv);
+    store_float(out + j, load_float(w + j, n) * normed, n);
   }
 }
 
@@ -158,7 +121,7 @@ bool add_rms_norm_(at::Tensor& x, at::Tensor& residual, const at::Tensor& weight
         T* rr = res + r * rs;
         for (int64_t j = 0; j < H; j += kLanes) {
           const int64_t n = std::min(kLanes, H - j);
-          store(rr + j, load(rr + j, n) + load(xr + j, n), n);
+          store_float(rr + j, load_float(rr + j, n) + load_float(xr + j, n), n);
         }
         norm_row(rr, w, xr, H, static_cast<float>(eps));
       }
@@ -181,11 +144,11 @@ void rotate(T* x, int64_t rows, int64_t heads, int64_t D, int64_t s0, int64_t s1
         T* row = x + r * s0 + h * s1;
         for (int64_t j = 0; j < half; j += kLanes) {
           const int64_t n = std::min(kLanes, half - j);
-          const Vec x1 = load(row + j, n), x2 = load(row + half + j, n);
-          const Vec lo = round_to<T>(x1 * load(c + j, n)) - round_to<T>(x2 * load(s + j, n));
-          const Vec hi = round_to<T>(x2 * load(c + half + j, n)) + round_to<T>(x1 * load(s + half + j, n));
-          store(row + j, lo, n);
-          store(row + half + j, hi, n);
+          const Vec x1 = load_float(row + j, n), x2 = load_float(row + half + j, n);
+          const Vec lo = round_to<T>(x1 * load_float(c + j, n)) - round_to<T>(x2 * load_float(s + j, n));
+          const Vec hi = round_to<T>(x2 * load_float(c + half + j, n)) + round_to<T>(x1 * load_float(s + half + j, n));
+          store_float(row + j, lo, n);
+          store_float(row + half + j, hi, n);
         }
       }
     }
@@ -226,9 +189,9 @@ c10::optional<at::Tensor> silu_mul(const at::Tensor& gate_up) {
         const T* gr = g + r * gs;
         for (int64_t j = 0; j < I; j += kLanes) {
           const int64_t n = std::min(kLanes, I - j);
-          const Vec x = load(gr + j, n);
+          const Vec x = load_float(gr + j, n);
           const Vec act = round_to<T>(x / (one + x.neg().exp()));
-          store(o + r * I + j, act * load(gr + I + j, n), n);
+          store_float(o + r * I + j, act * load_float(gr + I + j, n), n);
         }
       }
     });
