@@ -12,6 +12,7 @@ import json
 import time
 
 import httpx
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
@@ -283,6 +284,24 @@ def test_a_saturated_prefill_worker_is_passed_over_by_its_expected_wait():
     # a queue, and the decode worker waits for it up to its busy timeout.
     default = RoutePlanner(RoundRobinPolicy(), KVIndex(16), FrontendMetrics(CollectorRegistry()))
     assert default.route(REQUEST, [p0, d0]).attempts[0].prefill.worker_id == "p0"
+
+
+def test_a_load_read_before_our_work_there_ended_is_not_current_however_fresh_its_heartbeat():
+    # p0 reported 20 s of queued prefill (saturated at a 10 s limit). The store's keep-alive
+    # rewrites that record with a new last_heartbeat after our request there has finished:
+    # the load was read before then, so p0 counts as idle (CI saw 8 of 8 all-distinct
+    # prompts go to the other worker this way). A load read after it ended still counts.
+    planner = _planner()
+    d0 = _worker("decode", "d0")
+    planner.trying("a", _attempt_on("p0", 100), 40)
+    planner.finished("a")
+    settled = time.time()
+    for observed, saturated in ((settled - 5.0, False), (settled + 5.0, True)):
+        p0 = _worker("prefill", "p0", pending=20_000, rate=1000.0)
+        p0.record = msgspec.structs.replace(p0.record, last_heartbeat=settled + 5.0,
+                                            load_observed_at=observed)
+        (attempt,) = planner.route(REQUEST, [p0, d0]).attempts
+        assert (attempt.local_prefill == "prefill_saturated") is saturated
 
 
 def _attempt_on(prefill_worker: str, tokens: int) -> Attempt:

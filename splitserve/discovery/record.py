@@ -47,6 +47,10 @@ class WorkerRecord(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kv_blocks_in_use: int = 0
     kv_blocks_total: int = 0
     last_heartbeat: float = 0.0
+    # Wall-clock seconds when the load fields above were read (0: not said; readers then
+    # take last_heartbeat). A store's keep-alive rewrites the last record with a fresh
+    # last_heartbeat, so a load read mid-prefill can look newer than it is.
+    load_observed_at: float = 0.0
     # How many times its supervisor (`splitserve serve`) restarted it after a crash; the
     # restarted process registers under the same worker_id, replacing the record.
     restarts: int = 0

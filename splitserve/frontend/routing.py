@@ -218,8 +218,9 @@ class RoutePlanner:
 
     def _load(self, worker: WorkerStatus) -> WorkerLoad:
         load = worker.load()
-        if worker.record is not None and \
-                worker.record.last_heartbeat < self._settled_at.get(worker.worker_id, 0.0):
+        record = worker.record
+        if record is not None and (record.load_observed_at or record.last_heartbeat) \
+                < self._settled_at.get(worker.worker_id, 0.0):
             return WorkerLoad(worker_id=load.worker_id, kv_blocks_total=load.kv_blocks_total,
                               prefill_tokens_per_s=load.prefill_tokens_per_s)
         return load

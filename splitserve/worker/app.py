@@ -145,7 +145,8 @@ def create_app(engine: WorkerEngine, config: WorkerConfig, worker_id: str,
             num_pending_prefill_tokens=s.num_pending_prefill_tokens,
             prefill_tokens_per_s=round(prefill_rate.observe(
                 time.monotonic(), s.num_computed_prompt_tokens, s.num_pending_prefill_tokens), 3),
-            kv_blocks_in_use=s.kv_blocks_in_use, kv_blocks_total=s.kv_blocks_total)
+            kv_blocks_in_use=s.kv_blocks_in_use, kv_blocks_total=s.kv_blocks_total,
+            load_observed_at=time.time())
 
     app = FastAPI(title="splitserve worker", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(WorkerAuth, secret=config.transfer.secret,
