@@ -11,7 +11,7 @@ from golden import random_prompt
 from splitserve.model.tiny import make_tiny_llama
 from workers import generate, start_worker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 PROMPT_TOKENS = 131_000
 NEW = 64

@@ -15,7 +15,7 @@ import pytest
 
 from live_server import child_pids, start_serve
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 CLIENTS = 64
 DURATION_S = 150.0

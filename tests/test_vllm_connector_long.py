@@ -27,7 +27,7 @@ from procs import metric_value
 
 pytest.importorskip("vllm")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 from splitserve.bench.vllm_launch import BLOCK_SIZE, VllmPair  # noqa: E402
 from splitserve.model.tiny import make_tiny_llama  # noqa: E402
