@@ -1,7 +1,7 @@
 """Long context, the case that motivated splitserve: a 131,000-token prompt's KV streams
 from the prefill worker to the decode worker while the prefill runs, arrives whole (no
 fallback, no recompute), and the generation equals aggregated serving token for token.
-Slow (minutes on 2 CPU cores): `make test-slow`."""
+Heavy (many minutes on 2 CPU cores): `make test-heavy`, not in CI."""
 
 import time
 
