@@ -46,8 +46,8 @@ test-slow: install toolchain
 	$(BIN)/python -m pytest -q -m 'slow and not heavy' $(PYTEST_ARGS)
 
 # The slow tests of many minutes each (131k-token prompts with our engine and through
-# vLLM, the 64-client soak): 15-30 minutes more on 2 cores, too long for CI's budget on
-# the slowest machines it runs on.
+# vLLM, the hand-off under load and overload, the 64-client soak): 25-45 minutes more on
+# 2 cores, too long for CI's budget on the slowest machines it runs on.
 test-heavy: install toolchain
 	$(BIN)/python -m pytest -q -m heavy $(PYTEST_ARGS)
 

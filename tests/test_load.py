@@ -1,4 +1,5 @@
-"""The hand-off under ordinary load and under overload, on the embedded model (slow suite).
+"""The hand-off under ordinary load and under overload, on the embedded model (heavy:
+`make test-heavy`, not in CI).
 
 Ordinary load: 1 prefill + 1 decode worker, 32 distinct chat prompts of 260 to 5,800
 tokens, 8 at a time. Every KV transfer succeeds (none stalls while it waits in the
@@ -22,7 +23,7 @@ from transformers import AutoTokenizer
 
 from live_server import start_serve
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 WORDS = ("river stone cloud paper lamp orchard violet engine harbor meadow signal copper "
          "winter lantern garden thunder silver candle forest mirror pepper rocket valley "
