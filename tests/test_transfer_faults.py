@@ -127,6 +127,20 @@ def test_slow_chunks_are_busy_not_dead(progress_interval):
         assert r.outcome is Outcome.OK, r.reason
 
 
+def test_a_long_chunk_with_frequent_progress_keeps_the_lease():
+    # PROGRESS every 20 ms: D's receive never waits long enough to be idle, and no block
+    # arrives to ACK for 3 s, three leases. D must still heartbeat, or P releases the
+    # blocks it is computing (seen with vLLM: decode held all but the last block locally).
+    pkv, dkv, fp, backend = setup(blocks_per_chunk=4, chunk_delay=3.0, progress_interval=0.02)
+    cfg = TransferConfig(transport="tcp", **{**FAST, "stall_timeout": 2.0, "busy_timeout": 10.0})
+    stats = TransferStats()
+    with KVTransferServer(pkv, fp, cfg, backend, stats=stats) as server:
+        r = fetch_kv(server.address, request("long-chunk", 4), list(range(4)), dkv, cfg, fp)
+        assert r.outcome is Outcome.OK, r.reason
+        assert mismatched_blocks(dkv, "long-chunk", list(range(4)), 4) == []
+    assert stats.lease_expired == 0
+
+
 def test_cancelled_fetch_returns_at_once_and_p_drops_it():
     from splitserve.transfer.client import FetchCancel
     pkv, dkv, fp, backend = setup(blocks_per_chunk=1, stall_at_block=3)

@@ -182,9 +182,17 @@ class _Fetch:
                          f"no frame, not even a PROGRESS heartbeat (kv_stall_timeout "
                          f"{self.cfg.stall_timeout}s)")
         self._check_busy(now)
-        if heartbeat and now - ch.last_tx >= self.cfg.heartbeat_interval:
+        if heartbeat:
+            self._keep_lease(ch, now)
+
+    def _keep_lease(self, ch: proto.Channel, now: float) -> None:
+        """P's lease on this request's blocks runs out unless D speaks every
+        heartbeat_interval. Called when a receive waits and after every frame: a P whose
+        PROGRESS frames come faster than the receive timeout never leaves D idle, and a
+        long chunk (or blocks D already holds) sends no BLOCKS to ACK for a while."""
+        if now - ch.last_tx >= self.cfg.heartbeat_interval:
             if self.unacked:
-                self._ack(ch)     # an idle moment is a good time to report progress
+                self._ack(ch)     # a pause is a good time to report progress
             else:
                 ch.send(proto.Heartbeat(self.rid))
 
@@ -308,6 +316,7 @@ class _Fetch:
                 raise _Fatal(Outcome.PEER_ERROR, f"prefill reported: {msg.reason}")
             else:
                 raise proto.ProtocolError(f"unexpected {type(msg).__name__} from prefill")
+            self._keep_lease(ch, time.monotonic())
 
 
     def _on_progress(self, msg: proto.Progress) -> None:
