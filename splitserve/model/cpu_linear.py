@@ -66,11 +66,20 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
                                       and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def bound_primitive_caches() -> None:
+    """Caps oneDNN's and ideep's primitive caches unless the user set them. Both read
+    their capacity once, when the process creates its first oneDNN primitive (a weight
+    reorder counts), so every PackedLinear calls it before reordering its weight."""
+    for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+        os.environ.setdefault(var, str(PRIMITIVE_CACHE_CAPACITY))
+
+
 class PackedLinear(nn.Module):
     """y = x @ W.T + b with W reordered for oneDNN. Inputs are [rows, in_features]."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
+        bound_primitive_caches()      # before this reorder, the process's first primitive
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         # No batch-size hint: one packed layout serves every row count (a hint tuned for
         # one size made others up to 8x slower).
@@ -85,18 +94,9 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed"
 
 
-def bound_primitive_caches() -> None:
-    """Caps oneDNN's and ideep's primitive caches unless the user set them. Both read
-    their capacity once, when the process creates its first oneDNN primitive (a weight
-    reorder counts), so this must run before any packing."""
-    for var in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-        os.environ.setdefault(var, str(PRIMITIVE_CACHE_CAPACITY))
-
-
 def pack_linears(model: nn.Module) -> int:
     """Replaces every nn.Linear under `model` by a PackedLinear holding the same weights;
     returns how many. The original weights are freed."""
-    bound_primitive_caches()
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for parent, name, child in targets:
@@ -107,5 +107,4 @@ def pack_linears(model: nn.Module) -> int:
 def packed_logits_head(embedding: torch.Tensor) -> PackedLinear:
     """A packed copy of a tied embedding matrix for the vocabulary projection (the
     embedding itself must stay readable for the token lookup)."""
-    bound_primitive_caches()
     return PackedLinear(embedding, None)
